@@ -1,0 +1,115 @@
+"""Input checks for attention: every error names the argument and the shapes."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def _shape(t: Tensor) -> tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def _check_broadcasts(name: str, t: Tensor, target: tuple[int, int, int, int]) -> None:
+    """Raise unless ``t`` broadcasts to ``target`` = (b, h, i, j) without growing it."""
+    try:
+        fits = t.dim() <= 4 and torch.broadcast_shapes(_shape(t), target) == target
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(
+            f"{name} of shape {_shape(t)} does not broadcast to (b, h, i, j) = {target}; "
+            f"use for example (i, j), (b, 1, 1, j), (b, 1, i, j) or (b, h, i, j)"
+        )
+
+
+def check_attention_inputs(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Check the inputs of attention and return ``k`` and ``v`` as 4-D views.
+
+    ``q`` is ``(b, h, i, d)``; ``k`` and ``v`` are ``(b, h_kv, j, d)`` and
+    ``(b, h_kv, j, d_v)`` with ``h % h_kv == 0``, or 3-D ``(b, j, d)``, one
+    head shared by all (returned as ``(b, 1, j, d)``). ``mask`` is bool and
+    ``attn_bias`` floating, each broadcastable to ``(b, h, i, j)``.
+    Raises ``TypeError`` for a wrong type or dtype, ``ValueError`` for shapes.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be 4-D (b, h, i, d), got shape {_shape(q)}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dim() not in (3, 4):
+            raise ValueError(
+                f"{name} must be 4-D (b, h_kv, j, d) or 3-D (b, j, d), got shape {_shape(t)}"
+            )
+    if k.dim() != v.dim():
+        raise ValueError(f"k and v must have the same number of dimensions, got k {_shape(k)} and v {_shape(v)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+
+    k4 = k if k.dim() == 4 else k.unsqueeze(1)  # (b, h_kv, j, d)
+    v4 = v if v.dim() == 4 else v.unsqueeze(1)  # (b, h_kv, j, d_v)
+    b, h, i, d = q.shape
+    h_kv, j = k4.shape[1], k4.shape[2]
+    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+    if k4.shape[0] != b or v4.shape[0] != b:
+        raise ValueError(f"q, k and v must have the same batch size, got {shapes}")
+    if k4.shape[-1] != d:
+        raise ValueError(f"q and k must have the same head dimension d, got {shapes}")
+    if v4.shape[2] != j:
+        raise ValueError(f"k and v must have the same length j, got {shapes}")
+    if v4.shape[1] != h_kv:
+        raise ValueError(f"k and v must have the same number of heads, got {shapes}")
+    if h % h_kv != 0:
+        raise ValueError(
+            f"the heads of q ({h}) must be a multiple of the heads of k and v ({h_kv}), got {shapes}"
+        )
+    if i == 0 or j == 0 or d == 0:
+        raise ValueError(f"q, k and v must not be empty, got {shapes}")
+
+    target = (b, h, i, j)
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor (True = may attend), got {got}")
+        _check_broadcasts("mask", mask, target)
+        if mask.device != q.device:
+            raise ValueError(f"mask is on {mask.device} but q is on {q.device}")
+    if attn_bias is not None:
+        if not isinstance(attn_bias, Tensor) or not attn_bias.is_floating_point():
+            got = attn_bias.dtype if isinstance(attn_bias, Tensor) else type(attn_bias).__name__
+            raise TypeError(f"attn_bias must be a floating-point tensor, got {got}")
+        _check_broadcasts("attn_bias", attn_bias, target)
+        if attn_bias.device != q.device:
+            raise ValueError(f"attn_bias is on {attn_bias.device} but q is on {q.device}")
+    return k4, v4
+
+
+def check_dropout(dropout: float) -> float:
+    """Return ``dropout`` as a float, or raise ``ValueError`` unless it lies in ``[0, 1)``."""
+    p = float(dropout)
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+    return p
+
+
+def check_scale(scale: float | None) -> float | None:
+    """Return ``scale`` as a float (None keeps the default ``d ** -0.5``); raise ``ValueError`` unless finite."""
+    if scale is None:
+        return None
+    s = float(scale)
+    if not math.isfinite(s):
+        raise ValueError(f"scale must be a finite number or None, got {scale}")
+    return s
