@@ -7,6 +7,8 @@ eligible. Both share the input checks, the mask rules and the zero rows.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
@@ -17,16 +19,32 @@ from torch.nn.attention.bias import causal_lower_right
 from .checks import check_attention_inputs, check_dropout, check_scale
 from .masks import causal_mask
 
-# Every backend is enabled, so PyTorch picks the fastest eligible kernel at
+# With every backend enabled, PyTorch picks the fastest eligible kernel at
 # call time, whatever GPU it runs on, and falls back to the math kernel
-# rather than failing with "No available kernel", even inside a caller's
-# narrower sdpa_kernel context.
+# rather than failing with "No available kernel".
 _ALL_BACKENDS = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
     SDPBackend.EFFICIENT_ATTENTION,
     SDPBackend.MATH,
 ]
+_BACKEND_ENABLED = [
+    torch.backends.cuda.cudnn_sdp_enabled,
+    torch.backends.cuda.flash_sdp_enabled,
+    torch.backends.cuda.mem_efficient_sdp_enabled,
+    torch.backends.cuda.math_sdp_enabled,
+]
+
+
+def _all_sdpa_backends():
+    """A context that enables every SDPA backend, even inside a caller's narrower ``sdpa_kernel``.
+
+    When all are enabled already (PyTorch's default), it does nothing: entering
+    ``sdpa_kernel`` costs more host time than a small decoding step's kernel.
+    """
+    if not torch.compiler.is_compiling() and all(enabled() for enabled in _BACKEND_ENABLED):
+        return contextlib.nullcontext()
+    return sdpa_kernel(_ALL_BACKENDS)
 
 
 def combined_keep(mask: Tensor | None, causal: bool, i: int, j: int, device: torch.device) -> Tensor | None:
@@ -153,14 +171,17 @@ class FlashAttention(nn.Module):
                 scale=self.scale, enable_gqa=k.shape[1] != q.shape[1],
             )
 
-        with sdpa_kernel(_ALL_BACKENDS):
+        with _all_sdpa_backends():
             if mask is None and attn_bias is None:
-                if not self.causal:
+                if not self.causal or i == 1:  # a single query may attend every key
                     return sdpa(q)
                 if i == j:
                     return sdpa(q, is_causal=True)
                 if i < j:
-                    # bottom-right causal without a dense mask: the fused kernels take it natively
+                    # bottom-right causal without a dense mask: the fused kernels take it natively;
+                    # torch.compile cannot trace that bias object, so compiled code gets the (i, j) mask
+                    if torch.compiler.is_compiling():
+                        return sdpa(q, attn_mask=_as_4d(causal_mask(i, j, q.device)))
                     return sdpa(q, attn_mask=causal_lower_right(i, j))
                 # i > j: the first i - j queries see no key; the rest form a square causal problem
                 o = sdpa(q[:, :, i - j :], is_causal=True)  # (b, h, j, d_v)

@@ -12,6 +12,10 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+
+
 def _check_broadcasts(name: str, t: Tensor, target: tuple[int, int, int, int]) -> None:
     """Raise unless ``t`` broadcasts to ``target`` = (b, h, i, j) without growing it."""
     try:
@@ -63,21 +67,20 @@ def check_attention_inputs(
     v4 = v if v.dim() == 4 else v.unsqueeze(1)  # (b, h_kv, j, d_v)
     b, h, i, d = q.shape
     h_kv, j = k4.shape[1], k4.shape[2]
-    shapes = f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
     if k4.shape[0] != b or v4.shape[0] != b:
-        raise ValueError(f"q, k and v must have the same batch size, got {shapes}")
+        raise ValueError(f"q, k and v must have the same batch size, got {_shapes(q, k, v)}")
     if k4.shape[-1] != d:
-        raise ValueError(f"q and k must have the same head dimension d, got {shapes}")
+        raise ValueError(f"q and k must have the same head dimension d, got {_shapes(q, k, v)}")
     if v4.shape[2] != j:
-        raise ValueError(f"k and v must have the same length j, got {shapes}")
+        raise ValueError(f"k and v must have the same length j, got {_shapes(q, k, v)}")
     if v4.shape[1] != h_kv:
-        raise ValueError(f"k and v must have the same number of heads, got {shapes}")
+        raise ValueError(f"k and v must have the same number of heads, got {_shapes(q, k, v)}")
     if h % h_kv != 0:
         raise ValueError(
-            f"the heads of q ({h}) must be a multiple of the heads of k and v ({h_kv}), got {shapes}"
+            f"the heads of q ({h}) must be a multiple of the heads of k and v ({h_kv}), got {_shapes(q, k, v)}"
         )
     if i == 0 or j == 0 or d == 0:
-        raise ValueError(f"q, k and v must not be empty, got {shapes}")
+        raise ValueError(f"q, k and v must not be empty, got {_shapes(q, k, v)}")
 
     target = (b, h, i, j)
     if mask is not None:

@@ -1,0 +1,140 @@
+"""Both paths of FlashAttention against the float64 reference and PyTorch's SDPA math backend.
+
+Shapes are drawn at random: lengths 1..70 (not multiples of anything), i < j
+and i > j, every mask shape of API.md with rows left empty on purpose,
+biases, grouped-query and 3-D k/v.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashattn import FlashAttention
+from reference import reference_attention, reference_keep
+
+# Tolerances by dtype, on outputs and gradients of unit-scale inputs:
+# float64 agrees to rounding (1e-10 leaves room for sums of ~70 terms);
+# float32 has eps 1.2e-7 and the softmax and two products lose a few digits,
+# so 2e-5; bfloat16 has eps 2^-8 = 3.9e-3, and rounding q, k, v and p to it
+# moves outputs by a few eps, so 5e-2 absolute, 2e-2 relative.
+TOLERANCES = {
+    torch.float64: dict(atol=1e-10, rtol=1e-10),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.bfloat16: dict(atol=5e-2, rtol=2e-2),
+}
+
+MASK_SHAPES = ["none", "none", "none", "i j", "b 1 1 j", "b 1 i j", "b h i j", "1 i j", "h 1 j"]
+BIAS_SHAPES = ["none", "none", "none", "h i j", "b h i j", "1 1 1 j", "alibi"]
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float64, torch.float32)):
+    """A random attention problem: tensors, mask, bias and options."""
+    b = draw(st.integers(1, 2))
+    h_kv = draw(st.integers(1, 3))
+    g = draw(st.integers(1, 3))
+    h = h_kv * g
+    i = draw(st.integers(1, 70))
+    j = draw(st.integers(1, 70))
+    d = draw(st.sampled_from([4, 8, 13, 16, 32]))
+    d_v = draw(st.sampled_from([d, 8]))
+    kv_3d = draw(st.booleans())
+    if kv_3d:
+        h_kv = 1
+    dtype = draw(st.sampled_from(dtypes))
+    causal = draw(st.booleans())
+    mask_kind = draw(st.sampled_from(MASK_SHAPES))
+    bias_kind = draw(st.sampled_from(BIAS_SHAPES))
+    scale = draw(st.sampled_from([None, 0.3]))
+    seed = draw(st.integers(0, 2**31 - 1))
+
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, i, d, generator=gen, dtype=dtype)
+    kv_shape = (b, j) if kv_3d else (b, h_kv, j)
+    k = torch.randn(*kv_shape, d, generator=gen, dtype=dtype)
+    v = torch.randn(*kv_shape, d_v, generator=gen, dtype=dtype)
+
+    sizes = {"b": b, "h": h, "i": i, "j": j, "1": 1}
+    mask = None
+    if mask_kind != "none":
+        shape = [sizes[s] for s in mask_kind.split()]
+        mask = torch.rand(*shape, generator=gen) > 0.4
+        if shape[-2] > 1:  # rows with nothing to attend, on purpose
+            mask[..., 0, :] = False
+        else:
+            mask.view(-1, j)[0] = False
+    bias = None
+    if bias_kind == "alibi":
+        from flashattn import alibi_bias
+
+        bias = alibi_bias(h, i, j).to(dtype)
+    elif bias_kind != "none":
+        shape = [sizes[s] for s in bias_kind.split()]
+        bias = torch.randn(*shape, generator=gen, dtype=dtype)
+    return dict(q=q, k=k, v=v, mask=mask, bias=bias, causal=causal, scale=scale)
+
+
+def _run(path: str, p: dict) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    q, k, v = (p[n].detach().clone().requires_grad_() for n in "qkv")
+    m = FlashAttention(causal=p["causal"], flash=path == "flash", scale=p["scale"])
+    o = m(q, k, v, mask=p["mask"], attn_bias=p["bias"])
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(7), dtype=o.dtype)
+    o.backward(do)
+    return o, (q.grad, k.grad, v.grad), do
+
+
+def _reference(p: dict, do: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    q, k, v = (p[n].detach().double().requires_grad_() for n in "qkv")
+    o = reference_attention(q, k, v, causal=p["causal"], mask=p["mask"], attn_bias=p["bias"], scale=p["scale"])
+    o.backward(do.double())
+    return o, (q.grad, k.grad, v.grad)
+
+
+@pytest.mark.parametrize("path", ["flash", "einsum"])
+@given(p=problems())
+def test_matches_float64_reference(path, p):
+    o, grads, do = _run(path, p)
+    o_ref, grads_ref = _reference(p, do)
+    tol = TOLERANCES[p["q"].dtype]
+    assert o.dtype == p["q"].dtype
+    assert o.shape == (*p["q"].shape[:3], p["v"].shape[-1])
+    torch.testing.assert_close(o.double(), o_ref, **tol)
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        assert g.shape == p[name].shape, name
+        torch.testing.assert_close(g.double(), g_ref, **tol, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("path", ["flash", "einsum"])
+@given(p=problems(dtypes=(torch.bfloat16,)))
+def test_bfloat16_matches_float64_reference(path, p):
+    o, grads, do = _run(path, p)
+    o_ref, grads_ref = _reference(p, do)
+    tol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(o.double(), o_ref, **tol)
+    # gradients sum over up to 70 keys or queries of bf16-rounded products
+    for name, g, g_ref in zip("qkv", grads, grads_ref):
+        torch.testing.assert_close(g.double(), g_ref, atol=0.15, rtol=5e-2, msg=lambda m: f"d{name}: {m}")
+
+
+@given(p=problems(dtypes=(torch.float64,)))
+def test_matches_sdpa_math_backend(p):
+    """PyTorch's own math kernel, given the same rules spelled out as a dense mask."""
+    q, k, v = p["q"], p["k"], p["v"]
+    if k.dim() == 3:
+        k, v = k[:, None], v[:, None]
+    b, h, i, _ = q.shape
+    keep = reference_keep(i, k.shape[2], p["causal"], p["mask"], (b, h))
+    attn_mask = keep if p["bias"] is None else torch.where(keep, p["bias"], float("-inf"))
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, scale=p["scale"], enable_gqa=k.shape[1] != h
+        )
+    for flash in (True, False):
+        m = FlashAttention(causal=p["causal"], flash=flash, scale=p["scale"])
+        got = m(p["q"], p["k"], p["v"], mask=p["mask"], attn_bias=p["bias"])
+        torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])

@@ -1,0 +1,170 @@
+"""The rules of API.md that are not value checks over random shapes."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from flashattn import FlashAttention, alibi_bias, causal_mask, padding_mask
+from reference import reference_attention
+
+PATHS = [True, False]  # flash, einsum
+
+
+def randn(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+@pytest.mark.parametrize("i, j", [(5, 5), (3, 9), (9, 3)])
+def test_seed_usage_example_2_means_causal(flash, i, j):
+    """m(q, k, v, mask=m.get_mask(i, j, dev)) equals FlashAttention(causal=True)(q, k, v)."""
+    q, k, v = randn(2, 3, i, 8, seed=1), randn(2, 3, j, 8, seed=2), randn(2, 3, j, 8, seed=3)
+    m = FlashAttention(flash=flash)
+    with_mask = m(q, k, v, mask=m.get_mask(i, j, q.device))
+    causal = FlashAttention(causal=True, flash=flash)(q, k, v)
+    torch.testing.assert_close(with_mask, causal, atol=1e-12, rtol=0)
+    torch.testing.assert_close(causal, reference_attention(q, k, v, causal=True), atol=1e-12, rtol=1e-12)
+
+
+def test_causal_mask_is_bottom_right():
+    r = torch.arange(4)[:, None]
+    c = torch.arange(7)[None, :]
+    assert torch.equal(causal_mask(4, 7), c <= r + 3)
+    assert torch.equal(causal_mask(7, 4), c[:, :4] <= torch.arange(7)[:, None] - 3)
+    assert torch.equal(causal_mask(5, 5), torch.ones(5, 5, dtype=torch.bool).tril())
+    assert torch.equal(FlashAttention().get_mask(4, 7, "cpu"), causal_mask(4, 7))
+
+
+@pytest.mark.parametrize("flash", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_with_no_key_give_zeros_and_zero_gradients(flash, dtype):
+    q = randn(2, 2, 6, 8, seed=4, dtype=dtype).requires_grad_()
+    k = randn(2, 2, 5, 8, seed=5, dtype=dtype).requires_grad_()
+    v = randn(2, 2, 5, 8, seed=6, dtype=dtype).requires_grad_()
+    mask = torch.ones(2, 1, 6, 5, dtype=torch.bool)
+    mask[0, 0, 4] = False  # one empty row by the mask; causal empties rows 0 (i - j = 1)
+    o = FlashAttention(causal=True, flash=flash)(q, k, v, mask=mask)
+    o.backward(randn(*o.shape, seed=7, dtype=dtype))
+    assert torch.isfinite(o).all() and torch.isfinite(q.grad).all()
+    assert torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
+    assert (o[:, :, 0] == 0).all() and (o[0, :, 4] == 0).all()
+    assert (q.grad[:, :, 0] == 0).all() and (q.grad[0, :, 4] == 0).all()
+    assert (o[1, :, 1:].abs().sum(-1) > 0).all()  # the other rows are not zeroed
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_key_padding_of_whole_batch_element(flash):
+    q, k, v = randn(2, 2, 4, 8, seed=8), randn(2, 2, 6, 8, seed=9), randn(2, 2, 6, 8, seed=10)
+    mask = padding_mask(torch.tensor([0, 3]), 6)
+    assert mask.shape == (2, 1, 1, 6)
+    o = FlashAttention(flash=flash)(q, k, v, mask=mask)
+    assert (o[0] == 0).all()
+    torch.testing.assert_close(o, reference_attention(q, k, v, mask=mask), atol=1e-12, rtol=1e-12)
+
+
+def test_padding_mask_values_and_errors():
+    mask = padding_mask(torch.tensor([2, 0, 5]), 4)
+    expected = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    assert torch.equal(mask[:, 0, 0], expected)
+    with pytest.raises(ValueError, match=r"lengths must be a 1-D integer tensor .*\(2, 1\)"):
+        padding_mask(torch.tensor([[2], [3]]), 4)
+
+
+def test_alibi_bias_values():
+    bias = alibi_bias(8, 3, 5)
+    assert bias.shape == (8, 3, 5)
+    slopes = torch.tensor([2.0 ** -(k + 1) for k in range(8)])  # 2^(-8k/8)
+    # query 2 sits at position 4 (bottom-right): distance to key 1 is 3
+    torch.testing.assert_close(bias[:, 2, 1], -3 * slopes)
+    torch.testing.assert_close(bias[:, 0, 2], torch.zeros(8))  # on the diagonal
+    # six heads: the four slopes of h = 4, then the odd ones of h = 8 (Press et al.)
+    six = alibi_bias(6, 1, 2)[:, 0, 0]
+    torch.testing.assert_close(six, -torch.tensor([2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]))
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_alibi_with_causal_matches_reference(flash):
+    q, k, v = randn(1, 4, 7, 8, seed=11), randn(1, 4, 9, 8, seed=12), randn(1, 4, 9, 8, seed=13)
+    bias = alibi_bias(4, 7, 9).double()
+    o = FlashAttention(causal=True, flash=flash)(q, k, v, attn_bias=bias)
+    torch.testing.assert_close(o, reference_attention(q, k, v, causal=True, attn_bias=bias), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_scale_default_and_custom(flash):
+    q, k, v = randn(1, 2, 5, 16, seed=14), randn(1, 2, 6, 16, seed=15), randn(1, 2, 6, 16, seed=16)
+    torch.testing.assert_close(FlashAttention(flash=flash)(q, k, v), reference_attention(q, k, v, scale=0.25))
+    torch.testing.assert_close(FlashAttention(flash=flash, scale=0.7)(q, k, v), reference_attention(q, k, v, scale=0.7))
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_dropout_acts_in_training_only_and_keeps_the_expectation(flash):
+    q, k, v = randn(1, 1, 4, 8, seed=17), randn(1, 1, 6, 8, seed=18), randn(1, 1, 6, 8, seed=19)
+    m = FlashAttention(dropout=0.3, flash=flash)
+    m.eval()
+    torch.testing.assert_close(m(q, k, v), reference_attention(q, k, v), atol=1e-12, rtol=1e-12)
+    m.train()
+    torch.manual_seed(0)
+    samples = torch.stack([m(q, k, v) for _ in range(4000)])
+    assert not torch.allclose(samples[0], samples[1])
+    # inverted dropout: each weight is kept with probability 0.7 and scaled by 1/0.7,
+    # so the mean output is the dropout-free output; the standard error of a mean of 4000
+    # samples of |o| <~ 3 is below 0.05, so 0.15 is about three standard errors
+    torch.testing.assert_close(samples.mean(0), reference_attention(q, k, v), atol=0.15, rtol=0)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
+def test_dropout_outside_unit_interval_is_a_value_error(bad):
+    with pytest.raises(ValueError, match=rf"dropout must lie in \[0, 1\), got {bad}"):
+        FlashAttention(dropout=bad)
+
+
+def test_module_has_no_parameters_prints_nothing_and_warns_nothing(capsys):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for flash in PATHS:
+            m = FlashAttention(causal=True, dropout=0.1, flash=flash)
+            assert list(m.parameters()) == [] and list(m.buffers()) == []
+            for i, j in [(4, 4), (3, 6), (6, 3)]:
+                m(randn(1, 2, i, 8), randn(1, 2, j, 8), randn(1, 2, j, 8), mask=torch.ones(i, j, dtype=torch.bool))
+                m(randn(1, 2, i, 8), randn(1, 2, j, 8), randn(1, 2, j, 8))
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_output_has_dtype_of_q_and_value_width(flash):
+    q, k = randn(2, 4, 3, 8, dtype=torch.float32), randn(2, 2, 5, 8, dtype=torch.float32)
+    v = randn(2, 2, 5, 12, dtype=torch.float32)
+    o = FlashAttention(flash=flash)(q, k, v)
+    assert o.shape == (2, 4, 3, 12) and o.dtype == torch.float32
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_works_inside_torch_compile(causal):
+    q, k, v = randn(1, 2, 5, 8, seed=20), randn(1, 1, 7, 8, seed=21), randn(1, 1, 7, 8, seed=22)
+    mask = torch.rand(1, 1, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[0, 0, 2] = False
+    for flash in PATHS:
+        m = FlashAttention(causal=causal, flash=flash)
+        compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+        for kwargs in ({}, {"mask": mask}):
+            expected = reference_attention(q, k, v, causal=causal, **kwargs)
+            torch.testing.assert_close(compiled(q, k, v, **kwargs), expected, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_no_available_kernel_never_reaches_the_caller(causal):
+    """Inside a caller's sdpa_kernel that allows no kernel for these inputs, the flash path still runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = randn(1, 2, 5, 8, seed=23), randn(1, 2, 7, 8, seed=24), randn(1, 2, 7, 8, seed=25)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # no such kernel on the CPU
+        with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        o = FlashAttention(causal=causal)(q, k, v)
+        assert torch.backends.cuda.math_sdp_enabled() is False  # the caller's setting is restored
+    torch.testing.assert_close(o, reference_attention(q, k, v, causal=causal), atol=1e-12, rtol=1e-12)
