@@ -1,18 +1,24 @@
 """flashattn: FlashAttention from the softmax up to a GPU kernel.
 
-``FlashAttention`` is the module to use in a model; ``tiled_attention`` and
-``triton_attention`` are the algorithm written out, in PyTorch and in Triton,
-as the book derives it.
+``FlashAttention`` is the module to use in a model; ``tiled_attention`` is the
+algorithm written out in PyTorch, as the book derives it.
 """
 
 from .attention import FlashAttention
 from .masks import alibi_bias, causal_mask, padding_mask
+from .online_softmax import merge_partials, online_softmax_update, safe_softmax, streaming_softmax
+from .tiled import tiled_attention
 
 __all__ = [
     "FlashAttention",
     "alibi_bias",
     "causal_mask",
+    "merge_partials",
+    "online_softmax_update",
     "padding_mask",
+    "safe_softmax",
+    "streaming_softmax",
+    "tiled_attention",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""The counts of main-memory traffic against closed forms, and against the tiles the implementation computes."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from flashattn.io_model import (
+    HBMTraffic,
+    flash_attention1_io,
+    flash_attention2_io,
+    standard_attention_io,
+    theorem2_block_sizes,
+)
+from flashattn.tiled import tiled_forward_fa1, tiled_forward_fa2
+
+sizes = st.integers(1, 300)
+heads = st.integers(1, 128)
+blocks = st.integers(1, 128)
+elem = st.sampled_from([1, 2, 4, 8])
+
+
+@given(sizes, sizes, heads, heads, elem)
+def test_standard_attention(i, j, d, d_v, e):
+    io = standard_attention_io(i, j, d, d_v=d_v, elem_bytes=e)
+    # Q, K in; S out. S in; P out. P, V in; O out.
+    assert io == HBMTraffic(read=e * (i * d + j * d + i * j + i * j + j * d_v), written=e * (i * j + i * j + i * d_v))
+    assert io.total == io.read + io.written
+
+
+@given(sizes, sizes, heads, heads, blocks, blocks, elem, elem)
+def test_flash1_without_mask(i, j, d, d_v, block_q, block_k, e, s):
+    io = flash_attention1_io(i, j, d, d_v=d_v, block_q=block_q, block_k=block_k, elem_bytes=e, stat_bytes=s)
+    t_c = math.ceil(j / block_k)
+    assert io.read == e * j * (d + d_v) + t_c * (e * i * (d + d_v) + 2 * s * i)
+    assert io.written == (t_c + 1) * (e * i * d_v + 2 * s * i)
+
+
+@given(sizes, sizes, heads, heads, blocks, blocks, elem, elem)
+def test_flash2_without_mask(i, j, d, d_v, block_q, block_k, e, s):
+    io = flash_attention2_io(i, j, d, d_v=d_v, block_q=block_q, block_k=block_k, elem_bytes=e, stat_bytes=s)
+    t_r = math.ceil(i / block_q)
+    assert io.read == e * i * d + t_r * e * j * (d + d_v)
+    assert io.written == e * i * d_v + s * i
+
+
+@given(st.integers(1, 40), st.integers(1, 64), heads, elem, elem)
+def test_causal_square_counts_the_lower_triangle_of_tiles(n_tiles, block, d, e, s):
+    """i = j = T B: key tile c is read by the T - c query tiles from the diagonal down, T (T + 1) / 2 pairs."""
+    n = n_tiles * block
+    triangle = n_tiles * (n_tiles + 1) // 2
+    io2 = flash_attention2_io(n, n, d, block_q=block, block_k=block, causal=True, elem_bytes=e, stat_bytes=s)
+    assert io2.read == e * n * d + e * triangle * block * 2 * d
+    assert io2.written == e * n * d + s * n
+    io1 = flash_attention1_io(n, n, d, block_q=block, block_k=block, causal=True, elem_bytes=e, stat_bytes=s)
+    rows_read = triangle * block  # sum over key tiles c of the rows from tile c down: (T - c) B
+    assert io1.read == e * n * 2 * d + rows_read * (e * 2 * d + 2 * s)
+    assert io1.written == e * n * d + 2 * s * n + rows_read * (e * d + 2 * s)
+
+
+@given(sizes, sizes, heads, blocks, blocks)
+def test_causal_never_moves_more(i, j, d, block_q, block_k):
+    for count in (flash_attention1_io, flash_attention2_io):
+        full = count(i, j, d, block_q=block_q, block_k=block_k)
+        causal = count(i, j, d, block_q=block_q, block_k=block_k, causal=True)
+        assert causal.read <= full.read and causal.written <= full.written
+
+
+@given(heads, st.integers(1, 2**20))
+def test_theorem2_block_sizes(d, sram):
+    block_q, block_k = theorem2_block_sizes(d, sram)
+    assert block_k == -(-sram // (4 * d)) and block_q == min(block_k, d)
+
+
+def test_theorem2_traffic_falls_as_one_over_sram():
+    """n = 4096, d = 64: each doubling of M halves T_c, and so the part of FA-1's traffic that repeats per key tile."""
+    n, d, e, s = 4096, 64, 2, 4
+    per_key_tile_read = e * n * 2 * d + 2 * s * n  # Q, O, l, m of every query
+    for sram in (2**14, 2**15, 2**16, 2**17):
+        block_q, block_k = theorem2_block_sizes(d, sram)
+        t_c = n // block_k
+        assert t_c == 4 * n * d // sram
+        io1 = flash_attention1_io(n, n, d, sram=sram)
+        assert io1 == flash_attention1_io(n, n, d, block_q=block_q, block_k=block_k)
+        assert io1.read == e * n * 2 * d + t_c * per_key_tile_read
+        # FA-2 keeps the query tile on chip, so it gets the large tile: B_r = ceil(M / 4d)
+        io2 = flash_attention2_io(n, n, d, sram=sram)
+        assert io2 == flash_attention2_io(n, n, d, block_q=block_k, block_k=block_q)
+        assert io2.read == e * n * d + t_c * e * n * 2 * d
+        assert io2.total < io1.total < standard_attention_io(n, n, d).total
+
+
+def test_needs_sram_or_both_blocks():
+    for kwargs in ({}, {"block_q": 16}, {"sram": 1024, "block_q": 16, "block_k": 16}, {"block_q": 0, "block_k": 4}):
+        for count in (flash_attention1_io, flash_attention2_io):
+            with pytest.raises(ValueError):
+                count(64, 64, 16, **kwargs)
+    with pytest.raises(ValueError):
+        theorem2_block_sizes(0, 1024)
+
+
+@pytest.mark.parametrize(
+    "i, j, block_q, block_k", [(48, 70, 8, 16), (50, 64, 16, 8), (64, 25, 16, 5), (40, 40, 8, 8), (16, 96, 16, 32)]
+)
+@pytest.mark.parametrize("causal", [False, True])
+def test_counts_follow_the_tiles_that_run(i, j, block_q, block_k, causal):
+    """The tiles the counts read are the tiles the tiled forwards compute, causal skips included.
+
+    With every query tile full (``block_q`` divides ``i``), each key column read
+    by a query tile costs ``2 B_r (d + d_v)`` FLOPs in ``S = Q K^T`` and
+    ``P V``. Likewise for FA-1, with every key tile full, each query row read
+    by a key tile costs ``2 B_c (d + d_v)``.
+    """
+    d, d_v = 6, 5
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, i, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, j, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1, j, d_v, generator=gen, dtype=torch.float64)
+    opts = dict(causal=causal, block_q=block_q, block_k=block_k)
+    counts = dict(d_v=d_v, elem_bytes=1, stat_bytes=0, **opts)
+
+    if i % block_q == 0:
+        with FlopCounterMode(display=False) as counter:
+            tiled_forward_fa2(q, k, v, **opts)
+        kv_read = flash_attention2_io(i, j, d, **counts).read - i * d  # elements of K and V
+        assert counter.get_total_flops() == 2 * block_q * kv_read
+
+    if j % block_k == 0:
+        with FlopCounterMode(display=False) as counter:
+            tiled_forward_fa1(q, k, v, **opts)
+        qo_read = flash_attention1_io(i, j, d, **counts).read - j * (d + d_v)  # elements of Q and O
+        assert counter.get_total_flops() == 2 * block_k * qo_read
