@@ -1,0 +1,82 @@
+"""What the first cell of every chapter of the book sets up, in one call.
+
+A chapter runs everywhere: on a CPU at small sizes, so that it takes seconds,
+and on a GPU at sizes where speed and memory show. Its checked outputs must
+not depend on where it ran, so random data is drawn on the CPU and then moved
+to the device: every device sees the same numbers.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes for the measured parts of a chapter (timings, memory).
+
+    ``seq_lens`` are the sequence lengths a plot sweeps, shortest first; a
+    problem is ``(batch, heads, seq_len, head_dim)``.
+    """
+
+    batch: int
+    heads: int
+    head_dim: int
+    seq_lens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BookSetup:
+    """Where a chapter runs: device, working dtype, sizes and seed.
+
+    ``dtype`` is the dtype of the fast paths and of every timing: bfloat16 on
+    a GPU that computes in it (Ampere and later), float16 on an older GPU,
+    float32 on a CPU. Checks against a reference run in float32 or float64
+    whatever the device, and say so.
+    """
+
+    device: torch.device
+    device_name: str
+    dtype: torch.dtype
+    sizes: Sizes
+    seed: int
+
+    def randn(self, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Standard normal numbers of ``shape`` on ``self.device``, drawn on the CPU.
+
+        Drawn from the CPU generator that ``setup`` seeded, so the values are
+        the same on every device, and so are the outputs computed from them.
+        """
+        return torch.randn(*shape, dtype=dtype).to(self.device)
+
+    def __str__(self) -> str:
+        s = self.sizes
+        return (
+            f"device: {self.device} ({self.device_name}), dtype: {self.dtype}, seed: {self.seed}\n"
+            f"sizes: batch {s.batch}, heads {s.heads}, head_dim {s.head_dim}, seq_lens {s.seq_lens}"
+        )
+
+
+_CPU_SIZES = Sizes(batch=1, heads=4, head_dim=64, seq_lens=(128, 256, 512, 1024))
+_GPU_SIZES = Sizes(batch=4, heads=16, head_dim=128, seq_lens=(512, 1024, 2048, 4096))
+
+
+def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
+    """Pick the device, dtype and sizes of a chapter, and seed Python's and torch's generators.
+
+    ``device`` defaults to CUDA when it is present, else the CPU; pass
+    ``"cpu"`` to run a chapter on the CPU of a GPU machine.
+    """
+    dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds the CPU generator and every CUDA generator
+    if dev.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(dev)
+        dtype = torch.bfloat16 if major >= 8 else torch.float16
+        return BookSetup(dev, torch.cuda.get_device_name(dev), dtype, _GPU_SIZES, seed)
+    name = f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu" else dev.type
+    return BookSetup(dev, name, torch.float32, _CPU_SIZES, seed)

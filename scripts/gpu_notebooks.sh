@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The run that produces the stored outputs of the book, on the GPU runner:
+# executes every notebook in notebooks/ in place, packs the executed notebooks
+# into $OUT/notebooks.tar (when OUT is set), then checks them with nbval and
+# with the stored-output lint. The packed notebooks are what gets committed.
+#
+# Needs torch, matplotlib, einops and pytest, plus nbclient, nbval and
+# ipykernel: when these three are missing, they are installed from the wheels
+# in .whl/ at the repository's root (a runner without network).
+# Works on a CPU too, but the stored outputs of the book come from a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+
+if ! "$py" -c "import nbclient, nbval, ipykernel" 2>/dev/null; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+# The kernels import flashattn from this checkout, installed or not.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# Build matplotlib's font cache now, so that its message never lands in a stored output.
+"$py" -c "import matplotlib.pyplot"
+"$py" -c "import torch; print('executing on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (no GPU found)')"
+
+"$py" - notebooks/*.ipynb <<'PY'
+import sys
+import time
+
+import nbformat
+from nbclient import NotebookClient
+
+for path in sys.argv[1:]:
+    start = time.perf_counter()
+    nb = nbformat.read(path, as_version=4)
+    # record_timing=False: no per-cell timestamps in the committed notebooks.
+    NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
+                   resources={"metadata": {"path": "notebooks"}}).execute()
+    nbformat.write(nb, path)
+    print(f"executed {path} in {time.perf_counter() - start:.0f} s")
+PY
+
+if [ -n "${OUT:-}" ]; then
+    tar -cf "$OUT/notebooks.tar" notebooks/*.ipynb
+    echo "packed the executed notebooks into \$OUT/notebooks.tar"
+fi
+
+"$py" -m pytest -p no:cacheprovider --nbval --nbval-current-env \
+    --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
+"$py" -m pytest -p no:cacheprovider tests/test_notebook_outputs.py
