@@ -1,13 +1,15 @@
 """flashattn: FlashAttention from the softmax up to a GPU kernel.
 
-``FlashAttention`` is the module to use in a model; ``tiled_attention`` is the
-algorithm written out in PyTorch, as the book derives it.
+``FlashAttention`` is the module to use in a model; ``tiled_attention`` and
+``triton_attention`` are the algorithm written out, in PyTorch and in Triton,
+as the book derives it.
 """
 
 from .attention import FlashAttention
 from .masks import alibi_bias, causal_mask, padding_mask
 from .online_softmax import merge_partials, online_softmax_update, safe_softmax, streaming_softmax
 from .tiled import tiled_attention
+from .triton_attention import triton_attention
 
 __all__ = [
     "FlashAttention",
@@ -19,6 +21,7 @@ __all__ = [
     "safe_softmax",
     "streaming_softmax",
     "tiled_attention",
+    "triton_attention",
 ]
 
 __version__ = "0.1.0"

@@ -1,0 +1,207 @@
+"""Times each kernel of triton_attention over a small list of launch configurations, on a GPU.
+
+For each head dimension, causal or not, and sequence length (bf16, 16k tokens
+per batch, model width 2048, as in the benchmark), every candidate
+(block_q, block_k, num_warps, num_stages) of the forward, dK/dV and dQ
+kernels is checked against the current table's result and timed alone. It
+prints the fastest per problem, and per head dimension and length (short up to
+``SHORT`` tokens, long beyond) the candidate that is slowest relative to the
+fastest by the least (geometric mean over problems): rows for ``_TABLE`` in
+``flashattn/triton_attention.py``.
+
+Compiling every candidate takes minutes; ``--compile-only --jobs N`` compiles
+them in N processes first, into Triton's on-disk cache, which the timing run
+then reads.
+
+    python benchmarks/tune_triton.py --compile-only --jobs 12
+    python benchmarks/tune_triton.py --out benchmarks/results/tune-h200-1k-4k-16k.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+import triton
+from triton.testing import do_bench
+
+from flashattn.triton_attention import (
+    SHORT,
+    TileConfig,
+    _backward_dkdv,
+    _backward_dq,
+    _backward_preprocess,
+    _forward,
+    pick_configs,
+)
+
+TOKENS, WIDTH = 16384, 2048
+KERNELS = ("fwd", "dkdv", "dq")
+
+# (block_q, block_k, num_warps, num_stages). Chosen so that ptxas reports no (or little) register
+# spilling and the shared memory fits Hopper's 227 KiB; the first of each list is a safe default.
+CANDIDATES: dict[str, dict[int, list[tuple[int, int, int, int]]]] = {
+    "fwd": {
+        64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3), (128, 64, 8, 3),
+             (64, 64, 4, 3), (64, 128, 4, 3), (128, 128, 8, 4), (128, 64, 8, 4)],
+        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2),
+              (64, 64, 4, 3), (64, 128, 4, 3), (128, 32, 8, 3), (128, 64, 8, 5)],
+        256: [(64, 32, 4, 3), (64, 64, 8, 2)],
+    },
+    "dkdv": {
+        64: [(64, 128, 8, 3), (32, 128, 8, 3), (32, 64, 4, 3), (64, 128, 8, 2),
+             (32, 128, 8, 4), (16, 128, 8, 3), (32, 64, 4, 4), (16, 64, 4, 3)],
+        128: [(32, 128, 8, 3), (32, 128, 8, 4), (16, 128, 8, 3), (64, 128, 8, 3),
+              (64, 128, 8, 2), (32, 64, 4, 3), (16, 64, 4, 3), (32, 64, 8, 3)],
+        256: [(16, 64, 8, 2), (32, 64, 8, 2)],
+    },
+    "dq": {
+        64: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+             (64, 128, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 4)],
+        128: [(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2),
+              (64, 32, 4, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 4)],
+        256: [(64, 32, 8, 2), (64, 64, 8, 2)],
+    },
+}
+
+
+class Problem:
+    """bf16 inputs of one problem, with the saved forward results and delta that the backward kernels read."""
+
+    def __init__(self, b: int, h: int, n: int, d: int, causal: bool):
+        self.d, self.n, self.causal = d, n, causal
+        self.q, self.k, self.v, self.do = (torch.randn(b, h, n, d, device="cuda", dtype=torch.bfloat16)
+                                           for _ in range(4))
+        self.scale = d**-0.5
+        self.table = pick_configs(self.q.device, self.q.dtype, d, n, n)
+        self.o, self.lse = _forward(self.q, self.k, self.v, causal, self.scale, self.table.fwd)
+        self.delta = _backward_preprocess(self.o, self.do)
+
+    def run(self, kernel: str, cfg: TileConfig) -> tuple[torch.Tensor, ...]:
+        """The outputs of one kernel: (o, lse), (dk, dv) or (dq,)."""
+        args = (self.q, self.k, self.v, self.do, self.lse, self.delta, self.causal, self.scale, cfg)
+        if kernel == "fwd":
+            return _forward(self.q, self.k, self.v, self.causal, self.scale, cfg)
+        if kernel == "dkdv":
+            return _backward_dkdv(*args)
+        return (_backward_dq(*args),)
+
+
+def tasks(dims: list[int]) -> list[tuple[str, int, bool, tuple[int, int, int, int]]]:
+    return [(kernel, d, causal, cfg) for kernel in KERNELS for d in dims for causal in (False, True)
+            for cfg in CANDIDATES[kernel][d]]
+
+
+def compile_task(task: tuple[str, int, bool, tuple[int, int, int, int]]) -> tuple[tuple, str | None]:
+    """Compile (and run once) one candidate on a small problem that specializes the kernel alike."""
+    kernel, d, causal, cfg = task
+    try:
+        # the timed problems' head count, and lengths divisible by 16 like theirs, give the same binary
+        Problem(1, WIDTH // d, 256, d, causal).run(kernel, TileConfig(*cfg))
+        torch.cuda.synchronize()
+        return task, None
+    except Exception as error:  # a candidate that does not compile is reported, not fatal
+        return task, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def rel_diff(xs: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> float:
+    """The largest max |x - ref| / max |ref| over the outputs of a kernel."""
+    return max(((x.float() - r.float()).abs().max() / r.float().abs().max()).item() for x, r in zip(xs, refs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="where to write the JSON results")
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--rep", type=int, default=40, help="milliseconds of timing per candidate")
+    parser.add_argument("--compile-only", action="store_true")
+    parser.add_argument("--jobs", type=int, default=8, help="processes for --compile-only")
+    args = parser.parse_args()
+
+    if args.compile_only:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
+            for task, error in pool.map(compile_task, tasks(args.d)):
+                if error:
+                    print("compile failed:", task, error, flush=True)
+        return
+
+    torch.manual_seed(0)
+    rows = []
+    for d in args.d:
+        # d = 256 is tuned at one length: it is not in the benchmark's grid
+        lengths = args.n if d <= 128 else [4096]
+        for causal in (False, True):
+            for n in lengths:
+                p = Problem(TOKENS // n, WIDTH // d, n, d, causal)
+                for kernel in KERNELS:
+                    ref = p.run(kernel, getattr(p.table, kernel))
+                    for cfg in CANDIDATES[kernel][d]:
+                        row = dict(kernel=kernel, d=d, causal=causal, n=n, config=list(cfg))
+                        try:
+                            diff = rel_diff(p.run(kernel, TileConfig(*cfg)), ref)
+                            # tiles change the order of sums only: a few bf16 roundoffs at most
+                            row["rel_diff"] = round(diff, 5)
+                            if diff > 2**-5:
+                                row["error"] = "result differs from the table's"
+                            else:
+                                row["ms"] = do_bench(lambda: p.run(kernel, TileConfig(*cfg)), warmup=10,
+                                                     rep=args.rep, return_mode="median")
+                        except Exception as error:
+                            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                        rows.append(row)
+                        print(json.dumps(row), flush=True)
+                del p
+                torch.cuda.empty_cache()
+
+    timed = {(r["kernel"], r["d"], r["causal"], r["n"], tuple(r["config"])): r["ms"] for r in rows if "ms" in r}
+    best: dict[tuple, tuple[float, tuple]] = {}
+    for (*problem, cfg), ms in timed.items():
+        if tuple(problem) not in best or ms < best[tuple(problem)][0]:
+            best[tuple(problem)] = (ms, cfg)
+    print("\nfastest per problem (kernel, d, causal, n):")
+    for problem, (ms, cfg) in sorted(best.items()):
+        print(f"  {problem}: {cfg} {ms:.3f} ms")
+
+    print(f"\nproposed table rows (least geometric-mean slowdown against the fastest, per head dimension and "
+          f"length: short up to n = {SHORT}):")
+    arch = "sm{}{}".format(*torch.cuda.get_device_capability())
+    proposal = {}
+    for d in args.d:
+        for length in ("short", "long"):
+            choice = {}
+            for kernel in KERNELS:
+                problems = [p for p in best if p[:2] == (kernel, d) and (p[3] <= SHORT) == (length == "short")]
+                slowdown = {}
+                for cfg in CANDIDATES[kernel][d]:
+                    ratios = [timed.get((*problem, cfg), math.inf) / best[problem][0] for problem in problems]
+                    if problems and all(map(math.isfinite, ratios)):
+                        slowdown[cfg] = math.exp(sum(map(math.log, ratios)) / len(ratios))
+                if slowdown:
+                    ranked = sorted(slowdown, key=slowdown.get)
+                    choice[kernel] = ranked[0]
+                    print(f"  d={d} {length} {kernel}: " + ", ".join(f"{c} {slowdown[c]:.3f}" for c in ranked[:4]))
+            if len(choice) == len(KERNELS):
+                proposal[f"{d}/{length}"] = choice
+                print(f'    ("{arch}", {d}, "{length}"): '
+                      f'_configs(fwd={choice["fwd"]}, dkdv={choice["dkdv"]}, dq={choice["dq"]}),')
+
+    if args.out:
+        result = dict(
+            device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
+            torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
+            date=datetime.date.today().isoformat(), tokens=TOKENS, width=WIDTH, dtype="bfloat16",
+            rows=rows, proposal={key: {k: list(v) for k, v in c.items()} for key, c in proposal.items()},
+        )
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

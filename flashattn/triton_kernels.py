@@ -1,0 +1,351 @@
+"""The FlashAttention-2 kernels, in Triton: one forward, and a backward in three passes.
+
+Each program owns one tile of one (batch, head): ``BLOCK_Q`` queries in the
+forward and dQ kernels, ``BLOCK_K`` keys in the dK/dV kernel, and streams the
+other side past it, tile by tile, through on-chip memory. The grid is
+(tiles, heads, batch). The tensors are laid out as in ``tiled_attention``:
+
+    q, o, dq, do   (b, h, i, d) and (b, h, i, d_v), any strides, last one 1
+    k, v, dk, dv   (b, h_kv, j, d) and (b, h_kv, j, d_v); query head ``head``
+                   reads key/value head ``head // g``
+    lse, delta     (b, h, i) float32, contiguous
+
+``D`` and ``DV`` are ``d`` and ``d_v`` (powers of two from 16; the wrapper
+pads other sizes). Scores are kept in base-2 units: ``qk_scale`` is
+``scale * log2(e)``, so that the exponentials are ``exp2``, and the maxima
+``m`` are base-2 as well. ``lse`` is stored in natural units, as the book
+defines it. A query row that may attend no key gets zero output, zero
+gradients and ``lse = -inf``, as in ``tiled_attention``.
+
+The causal rule is the bottom-right one, key ``c`` visible to query ``r``
+when ``c <= r + diag_offset`` with ``diag_offset = j - i``. Each kernel
+splits its loop in two stages: the tiles that every row may see in full,
+without any mask, and the tiles across the diagonal (or past the end of the
+sequence), where the mask is applied; tiles above the diagonal are skipped.
+"""
+
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
+# float32 products run on tensor cores as three TF32 products (a split of each factor into a
+# high and a low part), which keeps nearly float32's precision where one TF32 product would keep
+# 10 bits; float16 and bfloat16 inputs ignore it
+DOT_PRECISION = tl.constexpr("tf32x3")
+
+
+@triton.jit
+def _fwd_stage(
+    acc, m, l, q,
+    k_base, v_base, stride_kj, stride_vj,
+    offs_q, offs_d, offs_dv,
+    lo, hi, j, diag_offset, qk_scale,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """The inner loop of the forward: key tiles ``lo`` to ``hi`` into the online softmax of one query tile."""
+    for start_k in range(lo, hi, BLOCK_K):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        # load K_c; rows past j read as zero and are masked below
+        k = tl.load(k_base + offs_k[:, None] * stride_kj + offs_d[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K), unscaled
+        if MASKED:
+            keep = (offs_k < j)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_q[:, None] + diag_offset)
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        else:
+            # qk_scale > 0, so the maximum of the scaled scores is the scaled maximum, and
+            # each exponent below is one fused multiply-add
+            m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+            m_shift = m_new
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        # rescale what was summed under the old maximum: exp2(m - m_new) <= 1
+        alpha = tl.math.exp2(m - m_shift)
+        l = l * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None] * stride_vj + offs_dv[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def _key_range(start_q, j, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
+    """Split the keys of one query tile: ``[0, mid)`` need no mask, ``[mid, hi)`` do, the rest are skipped."""
+    if CAUSAL:
+        # the first row of the tile sees keys up to start_q + diag_offset, its last row up to
+        # start_q + BLOCK_Q - 1 + diag_offset; clamped at 0 first, since // truncates towards zero
+        mid = tl.minimum(tl.maximum(start_q + diag_offset + 1, 0), j) // BLOCK_K * BLOCK_K
+        hi = tl.minimum(tl.maximum(start_q + BLOCK_Q + diag_offset, 0), j)
+    else:
+        mid = j // BLOCK_K * BLOCK_K
+        hi = j
+    return mid, hi
+
+
+@triton.jit
+def attn_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_ob, stride_oh, stride_oi,
+    g, i, j, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """O and lse for one tile of queries: grid (n_q_tiles, h, b)."""
+    # -- setup: which query tile of which (batch, head) this program owns
+    tile = tl.program_id(0)
+    if CAUSAL:
+        # the tiles with the most keys first, so the short ones fill in at the end
+        tile = tl.num_programs(0) - 1 - tile
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // g
+    start_q = tile * BLOCK_Q
+    offs_q = start_q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    diag_offset = j - i
+
+    # -- load Q_r once; it stays on chip while every key tile streams past
+    q_rows = q_ptr + batch * stride_qb + head * stride_qh + offs_q[:, None] * stride_qi
+    q = tl.load(q_rows + offs_d[None, :], mask=(offs_q < i)[:, None], other=0.0)
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row maximum (base 2)
+    l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running row sum of exp2(s - m)
+    acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)  # running, unnormalised P V
+
+    # -- stage 1: key tiles every row sees in full; stage 2: across the diagonal or past j
+    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    acc, m, l = _fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                           0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
+    acc, m, l = _fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                           mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
+
+    # -- epilogue: normalise, and keep lse for the backward; a row with no key has acc = 0 and
+    # m = -inf, so dividing by 1 instead of l = 0 gives o = 0 and lse = -inf (the log of an empty sum)
+    l = tl.where(l == 0.0, 1.0, l)
+    o = acc / l[:, None]
+    lse = (m + tl.math.log2(l)) * LN2
+    o_rows = o_ptr + batch * stride_ob + head * stride_oh + offs_q[:, None] * stride_oi
+    tl.store(o_rows + offs_dv[None, :], o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
+    lse_rows = lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q
+    tl.store(lse_rows, lse, mask=offs_q < i)
+
+
+@triton.jit
+def attn_bwd_preprocess_kernel(
+    o_ptr, do_ptr, delta_ptr,
+    stride_ob, stride_oh, stride_oi,
+    stride_dob, stride_doh, stride_doi,
+    i,
+    DV: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    """delta = rowsum(dO * O) for one tile of rows: grid (n_q_tiles, h, b)."""
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_dv = tl.arange(0, DV)
+    rows = (offs_q < i)[:, None]
+    o = tl.load(o_ptr + batch * stride_ob + head * stride_oh + offs_q[:, None] * stride_oi + offs_dv[None, :],
+                mask=rows, other=0.0)
+    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + offs_q[:, None] * stride_doi + offs_dv[None, :],
+                 mask=rows, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * i + offs_q, delta, mask=offs_q < i)
+
+
+@triton.jit
+def _load_lse2(lse_base, offs_q, rows):
+    """The lse of rows ``offs_q`` in base 2, as the backward uses it to recompute ``p = exp2(s - lse2)``.
+
+    A row with no key has lse = -inf, and so do the rows past i; both become
+    +inf, which makes every p of the row exp2(s - inf) = 0.
+    """
+    lse = tl.load(lse_base + offs_q, mask=rows, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _dkdv_stage(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+    offs_k, offs_d, offs_dv,
+    lo, hi, i, diag_offset, qk_scale,
+    BLOCK_Q: tl.constexpr, MASKED: tl.constexpr,
+):
+    """The inner loop of dK, dV: query tiles ``lo`` to ``hi`` of one head against one key tile.
+
+    Works on transposed tiles (keys down, queries across), so that P^T and
+    dS^T come out in the layout their products with dO and Q need.
+    """
+    for start_q in range(lo, hi, BLOCK_Q):
+        offs_q = start_q + tl.arange(0, BLOCK_Q)
+        rows = offs_q < i
+        q = tl.load(q_base + offs_q[:, None] * stride_qi + offs_d[None, :], mask=rows[:, None], other=0.0)
+        lse2 = _load_lse2(lse_base, offs_q, rows)
+        # recompute P^T from the scores and the saved lse: no running max needed
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_Q)
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
+        do = tl.load(do_base + offs_q[:, None] * stride_doi + offs_dv[None, :], mask=rows[:, None], other=0.0)
+        # dV += P^T dO
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        # dP^T = V dO^T, then dS^T = P^T * (dP^T - D): the softmax's backward, row by row
+        delta = tl.load(delta_base + offs_q, mask=rows, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_Q)
+        ds_t = p_t * (dp_t - delta[None, :])
+        # dK += dS^T Q (times the scale, applied once at the end)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_dob, stride_doh, stride_doi,
+    stride_dkb, stride_dkh, stride_dkj,
+    stride_dvb, stride_dvh, stride_dvj,
+    h, g, i, j, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """dK and dV for one tile of keys, summed over the g query heads that share it: grid (n_k_tiles, h_kv, b)."""
+    # -- setup: which key tile of which (batch, key/value head) this program owns
+    kv_head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    start_k = tl.program_id(0) * BLOCK_K
+    offs_k = start_k + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    diag_offset = j - i
+
+    # -- load K_c and V_c once; dK_c and dV_c accumulate on chip
+    cols = (offs_k < j)[:, None]
+    k = tl.load(k_ptr + batch * stride_kb + kv_head * stride_kh + offs_k[:, None] * stride_kj + offs_d[None, :],
+                mask=cols, other=0.0)
+    v = tl.load(v_ptr + batch * stride_vb + kv_head * stride_vh + offs_k[:, None] * stride_vj + offs_dv[None, :],
+                mask=cols, other=0.0)
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
+
+    # -- which query tiles see these keys: none before lo; across the diagonal up to mid; in full after
+    if CAUSAL:
+        lo = tl.maximum(start_k - diag_offset, 0) // BLOCK_Q * BLOCK_Q
+        mid = tl.minimum(tl.cdiv(tl.maximum(start_k + BLOCK_K - 1 - diag_offset, 0), BLOCK_Q) * BLOCK_Q, i)
+    else:
+        lo = 0
+        mid = 0
+
+    for head in range(kv_head * g, kv_head * g + g):
+        q_base = q_ptr + batch * stride_qb + head * stride_qh
+        do_base = do_ptr + batch * stride_dob + head * stride_doh
+        lse_base = lse_ptr + (batch * h + head) * i
+        delta_base = delta_ptr + (batch * h + head) * i
+        # stage 1: across the diagonal, masked (empty without the causal rule);
+        # stage 2: below it, every query sees every key
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+                             offs_k, offs_d, offs_dv, lo, mid, i, diag_offset, qk_scale,
+                             BLOCK_Q, True)
+        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+                             offs_k, offs_d, offs_dv, mid, i, i, diag_offset, qk_scale,
+                             BLOCK_Q, False)
+
+    # -- epilogue: dS was taken with respect to the scaled scores, so dK carries the scale once
+    dk = dk * scale
+    tl.store(dk_ptr + batch * stride_dkb + kv_head * stride_dkh + offs_k[:, None] * stride_dkj + offs_d[None, :],
+             dk.to(dk_ptr.dtype.element_ty), mask=cols)
+    tl.store(dv_ptr + batch * stride_dvb + kv_head * stride_dvh + offs_k[:, None] * stride_dvj + offs_dv[None, :],
+             dv.to(dv_ptr.dtype.element_ty), mask=cols)
+
+
+@triton.jit
+def _dq_stage(
+    dq, q, do, lse2, delta,
+    k_base, v_base, stride_kj, stride_vj,
+    offs_q, offs_d, offs_dv,
+    lo, hi, j, diag_offset, qk_scale,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """The inner loop of dQ: key tiles ``lo`` to ``hi`` against one query tile."""
+    for start_k in range(lo, hi, BLOCK_K):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        k = tl.load(k_base + offs_k[:, None] * stride_kj + offs_d[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        v = tl.load(v_base + offs_k[:, None] * stride_vj + offs_dv[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        # recompute P from the scores and the saved lse
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = (offs_k < j)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_q[:, None] + diag_offset)
+            p = tl.where(keep, p, 0.0)
+        # dP = dO V^T, dS = P * (dP - D)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
+        ds = p * (dp - delta[:, None])
+        # dQ += dS K (times the scale, applied once at the end)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_dob, stride_doh, stride_doi,
+    stride_dqb, stride_dqh, stride_dqi,
+    g, i, j, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    """dQ for one tile of queries: grid (n_q_tiles, h, b)."""
+    # -- setup: as in the forward, the longest rows first
+    tile = tl.program_id(0)
+    if CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // g
+    start_q = tile * BLOCK_Q
+    offs_q = start_q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
+    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    diag_offset = j - i
+
+    # -- load Q_r, dO_r, lse_r and D_r once
+    rows = offs_q < i
+    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + offs_q[:, None] * stride_qi + offs_d[None, :],
+                mask=rows[:, None], other=0.0)
+    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + offs_q[:, None] * stride_doi + offs_dv[None, :],
+                 mask=rows[:, None], other=0.0)
+    head_rows = (batch * tl.num_programs(1) + head) * i  # where this head's lse and delta start
+    lse2 = _load_lse2(lse_ptr + head_rows, offs_q, rows)
+    delta = tl.load(delta_ptr + head_rows + offs_q, mask=rows, other=0.0)
+    dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+
+    # -- the same two stages as the forward
+    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                   0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
+    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                   mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
+
+    # -- epilogue
+    dq = dq * scale
+    tl.store(dq_ptr + batch * stride_dqb + head * stride_dqh + offs_q[:, None] * stride_dqi + offs_d[None, :],
+             dq.to(dq_ptr.dtype.element_ty), mask=rows[:, None])
