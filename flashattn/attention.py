@@ -69,13 +69,14 @@ class _EmptyRowCheck:
 
     On CUDA the answer is copied to the host asynchronously; ``__bool__``
     waits only for that copy, which was queued before the attention kernel,
-    so the GPU stays busy while the host decides. Inside ``torch.compile``
-    the answer is taken to be yes (the zeroing is then always applied).
+    so the GPU stays busy while the host decides. Where the host cannot wait
+    (inside ``torch.compile``, or while a CUDA graph is being captured) the
+    answer is taken to be yes: the zeroing is then always applied.
     """
 
     def __init__(self, row_has_key: Tensor):
         self._event = None
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (row_has_key.is_cuda and torch.cuda.is_current_stream_capturing()):
             self._answer: Tensor | bool = True
         elif row_has_key.is_cuda:
             self._answer = torch.empty((), dtype=torch.bool, pin_memory=True)
@@ -136,11 +137,17 @@ class FlashAttention(nn.Module):
         k, v = check_attention_inputs(q, k, v, mask, attn_bias)
         b, h, i, d = q.shape
         j = k.shape[2]
+        out_dtype = q.dtype
         scale = self.scale if self.scale is not None else d**-0.5
 
         # grouped-query attention: each key/value head serves h // h_kv query heads
         k = repeat(k, "b h_kv j d -> b (h_kv g) j d", g=h // k.shape[1])
         v = repeat(v, "b h_kv j d -> b (h_kv g) j d", g=h // v.shape[1])
+
+        # half-precision scores and exponentials lose too much: like the fused kernels,
+        # the path computes in at least float32 and rounds only the output
+        work = torch.promote_types(q.dtype, torch.float32)
+        q, k, v = q.to(work), k.to(work), v.to(work)
 
         s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale  # (b, h, i, j)
         if attn_bias is not None:
@@ -151,14 +158,13 @@ class FlashAttention(nn.Module):
             # (uniform), and is zeroed below without NaN reaching the gradients
             s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
 
-        # half-precision exponentials lose too much: the softmax runs in at least float32
-        p = s.softmax(dim=-1, dtype=torch.promote_types(s.dtype, torch.float32))  # (b, h, i, j)
+        p = s.softmax(dim=-1)  # (b, h, i, j)
         if keep is not None:
             p = p.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
         p = F.dropout(p, self._dropout_p(), training=self.training)
 
-        o = torch.einsum("b h i j, b h j d -> b h i d", p.to(v.dtype), v)  # (b, h, i, d_v)
-        return o
+        o = torch.einsum("b h i j, b h j d -> b h i d", p, v)  # (b, h, i, d_v)
+        return o.to(out_dtype)
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         """Attention through ``F.scaled_dot_product_attention``, keeping its fused kernels eligible."""

@@ -32,7 +32,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def kernel_names(fn) -> list[str]:
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
         fn()
         torch.cuda.synchronize()
     return [e.name for e in prof.events() if e.device_type.name == "CUDA"]
