@@ -123,3 +123,23 @@ def test_flash_path_never_falls_back_to_the_math_kernel(name):
     names = kernel_names(lambda: m(q, k, v, mask=case.get("mask"), attn_bias=case.get("attn_bias")))
     assert not any("softmax" in n.lower() for n in names), names
     assert any(w in n.lower() for n in names for w in ("fmha", "flash", "cudnn")), names
+
+
+def test_masked_call_can_be_captured_in_a_cuda_graph():
+    """While a graph is captured the host cannot read whether a row is empty: the zeroing is captured too."""
+    q, k, v = randn(2, 4, 100, 64, seed=30), randn(2, 4, 120, 64, seed=31), randn(2, 4, 120, 64, seed=32)
+    mask = padding_mask(torch.tensor([120, 0], device=DEV), 120)  # batch element 1 has no key
+    m = FlashAttention()
+    eager = m(q, k, v, mask=mask)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        m(q, k, v, mask=mask)  # warm-up outside the capture, as CUDA graphs require
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = m(q, k, v, mask=mask)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert (captured[1] == 0).all()
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)
