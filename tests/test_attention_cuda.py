@@ -115,10 +115,12 @@ def test_bf16_error_at_most_twice_pytorchs_own(name, kv_heads):
 
 
 @pytest.mark.parametrize("name", CASE_NAMES)
-def test_flash_path_never_falls_back_to_the_math_kernel(name):
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_flash_path_never_falls_back_to_the_math_kernel(name, kv_heads):
     case = _cases()[name]
     i = case.get("i", 333)
-    q, k, v = randn(2, 8, i, 64, seed=20), randn(2, 8, 517, 64, seed=21), randn(2, 8, 517, 64, seed=22)
+    q = randn(2, 8, i, 64, seed=20)
+    k, v = randn(2, kv_heads, 517, 64, seed=21), randn(2, kv_heads, 517, 64, seed=22)
     m = FlashAttention(causal=case.get("causal", False))
     names = kernel_names(lambda: m(q, k, v, mask=case.get("mask"), attn_bias=case.get("attn_bias")))
     assert not any("softmax" in n.lower() for n in names), names
