@@ -80,3 +80,26 @@ def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
         return BookSetup(dev, torch.cuda.get_device_name(dev), dtype, _GPU_SIZES, seed)
     name = f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu" else dev.type
     return BookSetup(dev, name, torch.float32, _CPU_SIZES, seed)
+
+
+def max_error(got: Tensor, want: Tensor) -> float:
+    """The largest absolute difference of ``got`` and ``want``, computed in float64 on the CPU."""
+    if got.shape != want.shape:
+        raise ValueError(f"got has shape {tuple(got.shape)} but want has shape {tuple(want.shape)}")
+    return (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item() if got.numel() else 0.0
+
+
+def check(claim: str, got: Tensor, want: Tensor, atol: float) -> float:
+    """Print the largest absolute error of ``got`` against ``want`` with its tolerance; raise past it.
+
+    The line reads ``claim: max |error| = 3.1e-07 (tolerance 1e-05)``. The
+    error's digits depend on the device that computed it, so nbval's sanitize
+    file (``notebooks/nbval_sanitize.cfg``) masks them before comparing;
+    the tolerance, and the ``AssertionError`` past it, do not. NaN anywhere
+    in ``got`` fails the check. Returns the error.
+    """
+    err = max_error(got, want)
+    print(f"{claim}: max |error| = {err:.1e} (tolerance {atol:.0e})")
+    if not err <= atol:  # a NaN error fails too
+        raise AssertionError(f"{claim}: max |error| = {err:.3e} exceeds the tolerance {atol:.0e}")
+    return err
