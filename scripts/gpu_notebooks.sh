@@ -22,22 +22,7 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import matplotlib.pyplot"
 "$py" -c "import torch; print('executing on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (no GPU found)')"
 
-"$py" - notebooks/*.ipynb <<'PY'
-import sys
-import time
-
-import nbformat
-from nbclient import NotebookClient
-
-for path in sys.argv[1:]:
-    start = time.perf_counter()
-    nb = nbformat.read(path, as_version=4)
-    # record_timing=False: no per-cell timestamps in the committed notebooks.
-    NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                   resources={"metadata": {"path": "notebooks"}}).execute()
-    nbformat.write(nb, path)
-    print(f"executed {path} in {time.perf_counter() - start:.0f} s")
-PY
+"$py" scripts/execute_notebooks.py notebooks/*.ipynb
 
 if [ -n "${OUT:-}" ]; then
     tar -cf "$OUT/notebooks.tar" notebooks/*.ipynb
