@@ -20,6 +20,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .tiles import TileKind, causal_tile_kind, tile_slices
+
 
 @dataclass(frozen=True)
 class HBMTraffic:
@@ -126,14 +128,15 @@ def flash_attention1_io(
     d_v = d if d_v is None else d_v
     block_q, block_k = _blocks(d, sram, block_q, block_k, resident_is_q=False)
     read = 0
-    written = elem_bytes * i * d_v + stat_bytes * 2 * i
-    for c0 in range(0, j, block_k):
-        read += elem_bytes * min(block_k, j - c0) * (d + d_v)
-        # the first query tile that sees key c0: a query r sees it once r >= c0 - (j - i)
-        first_row = max(0, c0 - (j - i)) // block_q * block_q if causal else 0
-        rows = i - first_row
-        read += elem_bytes * rows * (d + d_v) + stat_bytes * 2 * rows
-        written += elem_bytes * rows * d_v + stat_bytes * 2 * rows
+    written = elem_bytes * i * d_v + stat_bytes * 2 * i  # O, l and m set up in main memory
+    for cols in tile_slices(j, block_k):
+        read += elem_bytes * (cols.stop - cols.start) * (d + d_v)  # K_c, V_c
+        for rows in tile_slices(i, block_q):
+            if causal and causal_tile_kind(rows, cols, i, j) is TileKind.EMPTY:
+                continue
+            n = rows.stop - rows.start
+            read += elem_bytes * n * (d + d_v) + stat_bytes * 2 * n  # Q_r, O_r, l_r, m_r
+            written += elem_bytes * n * d_v + stat_bytes * 2 * n  # O_r, l_r, m_r
     return HBMTraffic(read, written)
 
 
@@ -174,14 +177,11 @@ def flash_attention2_io(
     d_v = d if d_v is None else d_v
     block_q, block_k = _blocks(d, sram, block_q, block_k, resident_is_q=True)
     read = 0
-    written = elem_bytes * i * d_v + stat_bytes * i
-    for r0 in range(0, i, block_q):
-        read += elem_bytes * min(block_q, i - r0) * d
-        if causal:
-            # the tile's last query sees keys up to (r_last + j - i); whole key tiles up to that one are read
-            last_key = min(r0 + block_q, i) - 1 + (j - i)
-            keys = 0 if last_key < 0 else min(j, (last_key // block_k + 1) * block_k)
-        else:
-            keys = j
-        read += elem_bytes * keys * (d + d_v)
+    written = elem_bytes * i * d_v + stat_bytes * i  # O and lse, once
+    for rows in tile_slices(i, block_q):
+        read += elem_bytes * (rows.stop - rows.start) * d  # Q_r
+        for cols in tile_slices(j, block_k):
+            if causal and causal_tile_kind(rows, cols, i, j) is TileKind.EMPTY:
+                break  # every later key tile is hidden too
+            read += elem_bytes * (cols.stop - cols.start) * (d + d_v)  # K_c, V_c
     return HBMTraffic(read, written)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 
-def _finite_or_zero(m: Tensor) -> Tensor:
+def finite_or_zero(m: Tensor) -> Tensor:
     """``m`` with ``-inf`` replaced by 0: a shift that keeps ``exp(-inf - shift)`` at 0 instead of NaN."""
     return torch.where(torch.isneginf(m), 0.0, m)
 
@@ -30,7 +30,7 @@ def safe_softmax(s: Tensor) -> Tensor:
     A row of only ``-inf`` gives zeros.
     """
     m = s.amax(dim=-1, keepdim=True)  # (..., 1)
-    e = torch.exp(s - _finite_or_zero(m))  # (..., n)
+    e = torch.exp(s - finite_or_zero(m))  # (..., n)
     l = e.sum(dim=-1, keepdim=True)  # (..., 1)
     return e / torch.where(l > 0, l, 1.0)  # an empty row has e = 0 and stays 0
 
@@ -58,7 +58,7 @@ def online_softmax_update(m: Tensor, l: Tensor, s: Tensor) -> tuple[Tensor, Tens
     ``p`` ``(..., n)``.
     """
     m_new = torch.maximum(m, s.amax(dim=-1))  # (...)
-    shift = _finite_or_zero(m_new)  # a row that has seen only -inf keeps alpha = p = 0
+    shift = finite_or_zero(m_new)  # a row that has seen only -inf keeps alpha = p = 0
     alpha = torch.exp(m - shift)  # (...)
     p = torch.exp(s - shift[..., None])  # (..., n)
     l_new = alpha * l + p.sum(dim=-1)  # (...)
@@ -87,7 +87,7 @@ def streaming_softmax(s: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     for start in range(0, s.shape[-1], block_size):
         m, l, _, _ = online_softmax_update(m, l, s[..., start : start + block_size])
     lse = m + torch.log(l)  # (...); log(0) = -inf for an empty row
-    p = torch.exp(s - _finite_or_zero(lse)[..., None])  # (..., n)
+    p = torch.exp(s - finite_or_zero(lse)[..., None])  # (..., n)
     return p, lse
 
 
@@ -114,7 +114,7 @@ def merge_partials(o_a: Tensor, lse_a: Tensor, o_b: Tensor, lse_b: Tensor) -> tu
     Returns ``(o, lse)`` with the same shapes.
     """
     lse = torch.logaddexp(lse_a, lse_b)  # (...)
-    shift = _finite_or_zero(lse)
+    shift = finite_or_zero(lse)
     w_a = torch.exp(lse_a - shift)[..., None]  # (..., 1)
     w_b = torch.exp(lse_b - shift)[..., None]  # (..., 1)
     return w_a * o_a + w_b * o_b, lse

@@ -19,30 +19,26 @@ from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .checks import check_attention_inputs, check_scale
-from .online_softmax import merge_partials, online_softmax_update, safe_softmax
-
-
-def _tiles(n: int, block: int) -> list[slice]:
-    """``range(n)`` cut into consecutive slices of ``block`` indices; the last may be shorter."""
-    return [slice(start, min(start + block, n)) for start in range(0, n, block)]
-
-
-def _fully_masked(rows: slice, cols: slice, i: int, j: int) -> bool:
-    """Whether the causal rule hides every key of ``cols`` from every query of ``rows``.
-
-    The tile's last query sees the most keys, and its first key is the
-    hardest to see: the tile is hidden when even that pair is.
-    """
-    return cols.start > (rows.stop - 1) + (j - i)
+from .online_softmax import finite_or_zero, online_softmax_update
+from .tiles import TileKind, causal_tile_kind, tile_slices
 
 
 def _mask_tile(s: Tensor, rows: slice, cols: slice, i: int, j: int) -> Tensor:
     """The score tile ``s`` ``(b, h, B_r, B_c)`` with ``-inf`` where the causal rule hides the key."""
-    if cols.stop - 1 <= rows.start + (j - i):
-        return s  # even the tile's first query sees its last key: nothing to mask
     r = torch.arange(rows.start, rows.stop, device=s.device)[:, None]  # (B_r, 1)
     c = torch.arange(cols.start, cols.stop, device=s.device)[None, :]  # (1, B_c)
     return s.masked_fill(c > r + (j - i), float("-inf"))
+
+
+def _scores(q_tile: Tensor, k_tile: Tensor, scale: float, kind: TileKind, rows: slice, cols: slice, i: int, j: int) -> Tensor:
+    """The score tile ``tau Q_r K_c^T`` ``(b, h, B_r, B_c)``, masked only when the tile is partial."""
+    s = (q_tile @ k_tile.transpose(-1, -2)) * scale  # (b, h, B_r, B_c)
+    return _mask_tile(s, rows, cols, i, j) if kind is TileKind.PARTIAL else s
+
+
+def _kind(causal: bool, rows: slice, cols: slice, i: int, j: int) -> TileKind:
+    """The tile's kind: without the causal rule, every tile is full."""
+    return causal_tile_kind(rows, cols, i, j) if causal else TileKind.FULL
 
 
 def _load_kv(t: Tensor, cols: slice, g: int) -> Tensor:
@@ -107,19 +103,18 @@ def tiled_forward_fa2(
     g = h // h_kv
     o = q.new_empty(b, h, i, d_v)
     lse = q.new_empty(b, h, i)
-    for rows in _tiles(i, block_q):
-        q_tile = q[:, :, rows]  # (b, h, B_r, d)
+    for rows in tile_slices(i, block_q):  # one program of the kernel
+        q_tile = q[:, :, rows]  # (b, h, B_r, d): loaded once, kept on chip
         m = q.new_full(q_tile.shape[:-1], float("-inf"))  # (b, h, B_r)
         l = q.new_zeros(q_tile.shape[:-1])  # (b, h, B_r)
         acc = q.new_zeros(*q_tile.shape[:-1], d_v)  # (b, h, B_r, d_v)
-        for cols in _tiles(j, block_k):
-            if causal and _fully_masked(rows, cols, i, j):
+        for cols in tile_slices(j, block_k):
+            kind = _kind(causal, rows, cols, i, j)
+            if kind is TileKind.EMPTY:
                 break  # every later key tile lies further right, hidden too
             k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
             v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
-            s = (q_tile @ k_tile.transpose(-1, -2)) * scale  # (b, h, B_r, B_c)
-            if causal:
-                s = _mask_tile(s, rows, cols, i, j)
+            s = _scores(q_tile, k_tile, scale, kind, rows, cols, i, j)  # (b, h, B_r, B_c)
             m, l, p, alpha = online_softmax_update(m, l, s)  # p: (b, h, B_r, B_c)
             acc = alpha[..., None] * acc + p @ v_tile  # (b, h, B_r, d_v)
         o[:, :, rows] = acc / torch.where(l > 0, l, 1.0)[..., None]  # a row with no key has acc = 0
@@ -137,39 +132,88 @@ def tiled_forward_fa1(
     block_q: int = 64,
     block_k: int = 64,
 ) -> tuple[Tensor, Tensor]:
-    """FlashAttention-1's forward (Dao et al., 2022, Algorithm 1): key tiles outside, query tiles inside.
+    r"""FlashAttention-1's forward (Dao et al., 2022, Algorithm 1): key tiles outside, query tiles inside.
 
-    The output lives in main memory from the start (zeros, with ``lse =
-    -inf``: attention over no key yet), and every (key tile, query tile) pair
-    rescales it: the attention of the query tile over this key tile alone is
-    merged into the stored result through the log-sum-exp
-    (:func:`~flashattn.online_softmax.merge_partials`). The paper stores the
-    row maximum ``m`` and sum ``l``; ``lse = m + log l`` carries the same
-    information in one number. Query tiles that the causal rule hides from
-    the whole key tile are skipped.
+    Written line by line as the paper's algorithm (its line numbers in the
+    comments; the paper's loop indices are tiles, here ``cols`` and ``rows``).
+    ``O``, ``l`` and ``m`` live in main memory from the start; every
+    (key tile, query tile) pair reads ``O_r, l_r, m_r``, folds the tile into
+    them and writes them back, normalised:
 
-    Same arguments and returns as :func:`tiled_forward_fa2`.
+    .. math::
+
+        m^{new} = \max(m, \tilde m), \quad
+        \ell^{new} = e^{m - m^{new}} \ell + e^{\tilde m - m^{new}} \tilde\ell, \quad
+        O \leftarrow \frac{e^{m - m^{new}} \ell\, O + e^{\tilde m - m^{new}} \tilde P V_c}{\ell^{new}}
+
+    where :math:`\tilde m, \tilde P, \tilde\ell` are the row maximum, the
+    shifted exponentials and their row sum of this tile alone. Tiles that the
+    causal rule hides entirely are skipped; a row that has seen no key yet
+    keeps ``m = -inf``, ``l = 0`` and ``O = 0`` without NaN.
+
+    Same arguments as :func:`tiled_forward_fa2`; returns ``(o, lse)`` with
+    ``lse = m + log l``, formed once at the end.
     """
     out_dtype = q.dtype
     q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
     b, h, i, _ = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     g = h // h_kv
-    o = q.new_zeros(b, h, i, d_v)
-    lse = q.new_full((b, h, i), float("-inf"))
-    for cols in _tiles(j, block_k):
-        k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
-        v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
-        for rows in _tiles(i, block_q):
-            if causal and _fully_masked(rows, cols, i, j):
+    o = q.new_zeros(b, h, i, d_v)  # line 2: O = 0, l = 0, m = -inf, in main memory
+    l = q.new_zeros(b, h, i)
+    m = q.new_full((b, h, i), float("-inf"))
+    for cols in tile_slices(j, block_k):  # line 5
+        k_tile = _load_kv(k, cols, g)  # line 6: (b, h, B_c, d)
+        v_tile = _load_kv(v, cols, g)  # line 6: (b, h, B_c, d_v)
+        for rows in tile_slices(i, block_q):  # line 7
+            kind = _kind(causal, rows, cols, i, j)
+            if kind is TileKind.EMPTY:
                 continue  # every query of this tile comes before the key tile
-            s = (q[:, :, rows] @ k_tile.transpose(-1, -2)) * scale  # (b, h, B_r, B_c)
-            if causal:
-                s = _mask_tile(s, rows, cols, i, j)
-            o_tile = safe_softmax(s) @ v_tile  # (b, h, B_r, d_v): attention over this key tile alone
-            lse_tile = torch.logsumexp(s, dim=-1)  # (b, h, B_r)
-            o[:, :, rows], lse[:, :, rows] = merge_partials(o[:, :, rows], lse[:, :, rows], o_tile, lse_tile)
-    return o.to(out_dtype), lse
+            o_r, l_r, m_r = o[:, :, rows], l[:, :, rows], m[:, :, rows]  # line 8 (and Q_r below)
+            s = _scores(q[:, :, rows], k_tile, scale, kind, rows, cols, i, j)  # line 9: (b, h, B_r, B_c)
+            m_tile = s.amax(dim=-1)  # line 10: (b, h, B_r)
+            p_tile = torch.exp(s - finite_or_zero(m_tile)[..., None])  # line 10: (b, h, B_r, B_c)
+            l_tile = p_tile.sum(dim=-1)  # line 10: (b, h, B_r)
+            m_new = torch.maximum(m_r, m_tile)  # line 11
+            shift = finite_or_zero(m_new)  # a row with no key so far: both weights 0, not NaN
+            w_old, w_tile = torch.exp(m_r - shift), torch.exp(m_tile - shift)  # (b, h, B_r)
+            l_new = w_old * l_r + w_tile * l_tile  # line 11
+            o[:, :, rows] = (  # line 12: written back to main memory, normalised
+                (w_old * l_r)[..., None] * o_r + w_tile[..., None] * (p_tile @ v_tile)
+            ) / torch.where(l_new > 0, l_new, 1.0)[..., None]
+            l[:, :, rows], m[:, :, rows] = l_new, m_new  # line 13
+    return o.to(out_dtype), m + torch.log(l)
+
+
+def _tile_gradients(
+    q_tile: Tensor, k_tile: Tensor, v_tile: Tensor, do_tile: Tensor, lse_rows: Tensor, delta_rows: Tensor,
+    scale: float, kind: TileKind, rows: slice, cols: slice, i: int, j: int,
+) -> tuple[Tensor, Tensor]:
+    r"""Recompute one tile's probabilities and score gradients: ``(P, dS)``, each ``(b, h, B_r, B_c)``.
+
+    :math:`P = e^{S - \mathrm{lse}}` from the saved log-sum-exp (``lse_rows``
+    with ``-inf`` already replaced by a finite number), and
+    :math:`dS = P \circ (dO\, V^\top - D)`.
+    """
+    s = _scores(q_tile, k_tile, scale, kind, rows, cols, i, j)  # (b, h, B_r, B_c)
+    p = torch.exp(s - lse_rows[..., None])  # (b, h, B_r, B_c)
+    dp = do_tile @ v_tile.transpose(-1, -2)  # (b, h, B_r, B_c)
+    return p, p * (dp - delta_rows[..., None])
+
+
+def _backward_setup(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float | None, block_q: int, block_k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+    """The inputs of a tiled backward in the working dtype, with ``D = rowsum(dO * O)`` and a finite ``lse``.
+
+    Returns ``(do, q, k, v, delta, lse, scale)``; ``k``, ``v`` 4-D.
+    """
+    q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
+    do, o = do.to(q.dtype), o.to(q.dtype)
+    delta = (do * o).sum(dim=-1)  # (b, h, i): D
+    # A row with no key has lse = -inf and every score -inf; any finite lse keeps its P at 0.
+    lse = torch.where(torch.isneginf(lse), 0.0, lse).to(q.dtype)  # (b, h, i)
+    return do, q, k, v, delta, lse, scale
 
 
 def tiled_backward(
@@ -197,44 +241,100 @@ def tiled_backward(
 
     each a sum over tiles: ``dk`` and ``dv`` of a key tile accumulate over the
     query tiles (on chip, in a kernel), ``dq`` of a query tile over the key
-    tiles (in main memory). With grouped-query attention, the gradients of a
-    key/value head sum over the query heads that share it.
+    tiles, in main memory: on a GPU, programs that own different key tiles
+    add into the same ``dq`` rows, with atomic additions.
+    :func:`tiled_backward_two_pass` avoids those. With grouped-query
+    attention, the gradients of a key/value head sum over the query heads
+    that share it.
 
     ``do`` and ``o`` ``(b, h, i, d_v)``, ``lse`` ``(b, h, i)`` as returned by
     :func:`tiled_forward_fa2`; the other arguments as given to it. Returns
     ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
     """
     out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
-    q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
-    do, o = do.to(q.dtype), o.to(q.dtype)
+    do, q, k, v, delta, lse, scale = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
     i, j = q.shape[2], k.shape[2]
     g = q.shape[1] // k.shape[1]
-    delta = (do * o).sum(dim=-1)  # (b, h, i): D
-    # A row with no key has lse = -inf and every score -inf; any finite lse keeps its P at 0.
-    lse = torch.where(torch.isneginf(lse), 0.0, lse).to(q.dtype)  # (b, h, i)
     dq = torch.zeros_like(q)  # (b, h, i, d)
     dk = torch.zeros_like(k)  # (b, h_kv, j, d)
     dv = torch.zeros_like(v)  # (b, h_kv, j, d_v)
-    for cols in _tiles(j, block_k):
+    for cols in tile_slices(j, block_k):
         k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
         v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
         dk_tile = torch.zeros_like(k_tile)  # (b, h, B_c, d)
         dv_tile = torch.zeros_like(v_tile)  # (b, h, B_c, d_v)
-        for rows in _tiles(i, block_q):
-            if causal and _fully_masked(rows, cols, i, j):
+        for rows in tile_slices(i, block_q):
+            kind = _kind(causal, rows, cols, i, j)
+            if kind is TileKind.EMPTY:
                 continue  # every query of this tile comes before the key tile
             q_tile, do_tile = q[:, :, rows], do[:, :, rows]  # (b, h, B_r, d), (b, h, B_r, d_v)
-            s = (q_tile @ k_tile.transpose(-1, -2)) * scale  # (b, h, B_r, B_c)
-            if causal:
-                s = _mask_tile(s, rows, cols, i, j)
-            p = torch.exp(s - lse[:, :, rows, None])  # (b, h, B_r, B_c)
+            p, ds = _tile_gradients(q_tile, k_tile, v_tile, do_tile, lse[:, :, rows], delta[:, :, rows],
+                                    scale, kind, rows, cols, i, j)
             dv_tile += p.transpose(-1, -2) @ do_tile
-            dp = do_tile @ v_tile.transpose(-1, -2)  # (b, h, B_r, B_c)
-            ds = p * (dp - delta[:, :, rows, None])  # (b, h, B_r, B_c)
-            dq[:, :, rows] += (ds @ k_tile) * scale
+            dq[:, :, rows] += (ds @ k_tile) * scale  # the atomic addition of a kernel
             dk_tile += (ds.transpose(-1, -2) @ q_tile) * scale
         dk[:, :, cols] = _sum_groups(dk_tile, g)
         dv[:, :, cols] = _sum_groups(dv_tile, g)
+    return dq.to(out_dtype), dk.view(k_shape).to(out_dtype), dv.view(v_shape).to(out_dtype)
+
+
+def tiled_backward_two_pass(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    block_q: int = 64,
+    block_k: int = 64,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward in the order of the package's Triton kernels: a dK/dV pass, then a dQ pass.
+
+    The first pass gives each key tile to one program, which streams the
+    query tiles and accumulates ``dK_c`` and ``dV_c`` on chip; the second
+    gives each query tile to one program, which streams the key tiles and
+    accumulates ``dQ_r`` on chip. Each output has one owner, so nothing is
+    added atomically; the price is that ``P`` and ``dS`` are computed twice.
+    Same arguments and returns as :func:`tiled_backward`.
+    """
+    out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
+    do, q, k, v, delta, lse, scale = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    i, j = q.shape[2], k.shape[2]
+    g = q.shape[1] // k.shape[1]
+    dq = torch.empty_like(q)  # (b, h, i, d)
+    dk = torch.empty_like(k)  # (b, h_kv, j, d)
+    dv = torch.empty_like(v)  # (b, h_kv, j, d_v)
+    for cols in tile_slices(j, block_k):  # pass 1: one program per key tile (attn_bwd_dkdv_kernel)
+        k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
+        v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
+        dk_tile = torch.zeros_like(k_tile)  # (b, h, B_c, d)
+        dv_tile = torch.zeros_like(v_tile)  # (b, h, B_c, d_v)
+        for rows in tile_slices(i, block_q):
+            kind = _kind(causal, rows, cols, i, j)
+            if kind is TileKind.EMPTY:
+                continue
+            q_tile, do_tile = q[:, :, rows], do[:, :, rows]
+            p, ds = _tile_gradients(q_tile, k_tile, v_tile, do_tile, lse[:, :, rows], delta[:, :, rows],
+                                    scale, kind, rows, cols, i, j)
+            dv_tile += p.transpose(-1, -2) @ do_tile
+            dk_tile += ds.transpose(-1, -2) @ q_tile
+        dk[:, :, cols] = _sum_groups(dk_tile, g) * scale
+        dv[:, :, cols] = _sum_groups(dv_tile, g)
+    for rows in tile_slices(i, block_q):  # pass 2: one program per query tile (attn_bwd_dq_kernel)
+        q_tile, do_tile = q[:, :, rows], do[:, :, rows]
+        dq_tile = torch.zeros_like(q_tile)  # (b, h, B_r, d)
+        for cols in tile_slices(j, block_k):
+            kind = _kind(causal, rows, cols, i, j)
+            if kind is TileKind.EMPTY:
+                break  # every later key tile lies further right, hidden too
+            k_tile = _load_kv(k, cols, g)
+            _, ds = _tile_gradients(q_tile, k_tile, _load_kv(v, cols, g), do_tile, lse[:, :, rows],
+                                    delta[:, :, rows], scale, kind, rows, cols, i, j)
+            dq_tile += ds @ k_tile
+        dq[:, :, rows] = dq_tile * scale
     return dq.to(out_dtype), dk.view(k_shape).to(out_dtype), dv.view(v_shape).to(out_dtype)
 
 
