@@ -9,7 +9,7 @@ from .attention import FlashAttention
 from .masks import alibi_bias, causal_mask, padding_mask
 from .online_softmax import merge_partials, online_softmax_update, safe_softmax, streaming_softmax
 from .tiled import tiled_attention
-from .triton_attention import triton_attention
+from .triton import triton_attention
 
 __all__ = [
     "FlashAttention",

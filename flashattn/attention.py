@@ -2,49 +2,20 @@
 
 ``einsum_attn`` is the definition, written to be read. ``flash_attn`` hands
 the same problem to PyTorch's fused kernels in the form that keeps them
-eligible. Both share the input checks, the mask rules and the zero rows.
+eligible. Both share the input preparation, the mask rules and the zero rows.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
-from .checks import check_attention_inputs, check_dropout, check_scale
+from .inputs import check_dropout, check_flag, check_scale, prepare
 from .masks import causal_mask
-
-# With every backend enabled, PyTorch picks the fastest eligible kernel at
-# call time, whatever GPU it runs on, and falls back to the math kernel
-# rather than failing with "No available kernel".
-_ALL_BACKENDS = [
-    SDPBackend.CUDNN_ATTENTION,
-    SDPBackend.FLASH_ATTENTION,
-    SDPBackend.EFFICIENT_ATTENTION,
-    SDPBackend.MATH,
-]
-_BACKEND_ENABLED = [
-    torch.backends.cuda.cudnn_sdp_enabled,
-    torch.backends.cuda.flash_sdp_enabled,
-    torch.backends.cuda.mem_efficient_sdp_enabled,
-    torch.backends.cuda.math_sdp_enabled,
-]
-
-
-def _all_sdpa_backends():
-    """A context that enables every SDPA backend, even inside a caller's narrower ``sdpa_kernel``.
-
-    When all are enabled already (PyTorch's default), it does nothing: entering
-    ``sdpa_kernel`` costs more host time than a small decoding step's kernel.
-    """
-    if not torch.compiler.is_compiling() and all(enabled() for enabled in _BACKEND_ENABLED):
-        return contextlib.nullcontext()
-    return sdpa_kernel(_ALL_BACKENDS)
+from .online_softmax import finite_or_zero, safe_softmax
 
 
 def combined_keep(mask: Tensor | None, causal: bool, i: int, j: int, device: torch.device) -> Tensor | None:
@@ -59,37 +30,25 @@ def combined_keep(mask: Tensor | None, causal: bool, i: int, j: int, device: tor
     return keep if mask is None else mask & keep
 
 
+def bias_in(dtype: torch.dtype, attn_bias: Tensor, keep: Tensor | None) -> Tensor:
+    """``attn_bias`` in ``dtype``, shifted per row first when ``dtype`` is narrower.
+
+    The softmax of a row does not change when one number is subtracted from
+    the whole row. Subtracting the row's largest kept bias before rounding to
+    a narrower dtype keeps the kept values near 0, where the narrow dtype is
+    precise: a float32 bias of 300 rounds to bfloat16 with an error of about
+    1, which moves the weights by a factor e; shifted, it rounds exactly.
+    """
+    if torch.finfo(attn_bias.dtype).bits <= torch.finfo(dtype).bits:
+        return attn_bias.to(dtype)
+    kept = attn_bias if keep is None else torch.where(keep, attn_bias, float("-inf"))
+    row_max = finite_or_zero(kept.amax(dim=-1, keepdim=True))  # a row with no key needs no shift
+    return (attn_bias - row_max).to(dtype)
+
+
 def _as_4d(t: Tensor) -> Tensor:
     """View a mask or bias as 4-D: the fused kernels take only 4-D masks."""
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-
-
-class _EmptyRowCheck:
-    """Whether some query row has no key to attend, read without stalling the GPU.
-
-    On CUDA the answer is copied to the host asynchronously; ``__bool__``
-    waits only for that copy, which was queued before the attention kernel,
-    so the GPU stays busy while the host decides. Where the host cannot wait
-    (inside ``torch.compile``, or while a CUDA graph is being captured) the
-    answer is taken to be yes: the zeroing is then always applied.
-    """
-
-    def __init__(self, row_has_key: Tensor):
-        self._event = None
-        if torch.compiler.is_compiling() or (row_has_key.is_cuda and torch.cuda.is_current_stream_capturing()):
-            self._answer: Tensor | bool = True
-        elif row_has_key.is_cuda:
-            self._answer = torch.empty((), dtype=torch.bool, pin_memory=True)
-            self._answer.copy_(~row_has_key.all(), non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record()
-        else:
-            self._answer = ~row_has_key.all()
-
-    def __bool__(self) -> bool:
-        if self._event is not None:
-            self._event.synchronize()
-        return bool(self._answer)
 
 
 class FlashAttention(nn.Module):
@@ -98,7 +57,8 @@ class FlashAttention(nn.Module):
     Args:
         causal: query ``r`` attends key ``c`` only when ``c <= r + (j - i)``
             (bottom-right alignment).
-        dropout: probability of dropping an attention weight, in training only.
+        dropout: probability of dropping an attention weight, in training
+            mode only (a module's default; ``.eval()`` turns it off).
         flash: use PyTorch's fused kernels (``flash_attn``) rather than the
             readable ``einsum_attn``; both compute the same function.
         scale: factor on ``q @ k^T``; ``None`` means ``d ** -0.5``.
@@ -106,15 +66,21 @@ class FlashAttention(nn.Module):
     Call with ``q`` ``(b, h, i, d)``, ``k`` ``(b, h_kv, j, d)`` or ``(b, j, d)``,
     ``v`` ``(b, h_kv, j, d_v)`` or ``(b, j, d_v)``, an optional bool ``mask``
     (True = may attend) and float ``attn_bias``, each broadcastable to
-    ``(b, h, i, j)``. Returns ``(b, h, i, d_v)`` in the dtype of ``q``. A query
-    row with no key to attend gives zeros and zero gradients.
+    ``(b, h, i, j)``. Returns ``(b, h, i, d_v)`` in the dtype of ``q``.
+
+    A query row with no key to attend (every key hidden by the mask, the
+    causal rule or a bias of ``-inf``) gives zeros and zero gradients.
+    ``q``, ``k``, ``v`` and ``attn_bias`` must otherwise be finite, at hidden
+    keys too: the fused kernels read every key and weight a hidden one by 0,
+    and ``0 * nan`` is NaN. They are not checked, because a check would make
+    the host wait for the GPU.
     """
 
     def __init__(self, causal: bool = False, dropout: float = 0.0, flash: bool = True, *, scale: float | None = None):
         super().__init__()
-        self.causal = bool(causal)
+        self.causal = check_flag("causal", causal)
         self.dropout = check_dropout(dropout)
-        self.flash = bool(flash)
+        self.flash = check_flag("flash", flash)
         self.scale = check_scale(scale)
 
     def extra_repr(self) -> str:
@@ -125,6 +91,17 @@ class FlashAttention(nn.Module):
         return causal_mask(i, j, device)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
+        """Attention of ``q`` over ``k``, ``v``: ``flash_attn`` when ``self.flash``, else ``einsum_attn``.
+
+        ``q`` ``(b, h, i, d)``; ``k``, ``v`` ``(b, h_kv, j, d)``, ``(b, h_kv, j, d_v)``
+        or 3-D ``(b, j, ·)``; ``mask`` bool and ``attn_bias`` floating, each
+        broadcastable to ``(b, h, i, j)``. Returns ``(b, h, i, d_v)`` in the
+        dtype of ``q``.
+
+        Dropout acts only in training mode, which is a module's mode until
+        ``.eval()`` is called: with ``dropout > 0`` two calls on the same
+        inputs differ until then.
+        """
         if self.flash:
             return self.flash_attn(q, k, v, mask=mask, attn_bias=attn_bias)
         return self.einsum_attn(q, k, v, mask=mask, attn_bias=attn_bias)
@@ -134,79 +111,73 @@ class FlashAttention(nn.Module):
 
     def einsum_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         """Attention from its definition: scores, mask, softmax, dropout, weighted sum."""
-        k, v = check_attention_inputs(q, k, v, mask, attn_bias)
-        b, h, i, d = q.shape
-        j = k.shape[2]
-        out_dtype = q.dtype
-        scale = self.scale if self.scale is not None else d**-0.5
-
-        # grouped-query attention: each key/value head serves h // h_kv query heads
-        k = repeat(k, "b h_kv j d -> b (h_kv g) j d", g=h // k.shape[1])
-        v = repeat(v, "b h_kv j d -> b (h_kv g) j d", g=h // v.shape[1])
-
         # half-precision scores and exponentials lose too much: like the fused kernels,
         # the path computes in at least float32 and rounds only the output
         work = torch.promote_types(q.dtype, torch.float32)
-        q, k, v = q.to(work), k.to(work), v.to(work)
+        x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias, dtype=work)
+        i, j = q.shape[2], x.k.shape[2]
 
-        s = torch.einsum("b h i d, b h j d -> b h i j", q, k) * scale  # (b, h, i, j)
+        # grouped-query attention: each key/value head serves `group` query heads
+        k = repeat(x.k, "b h_kv j d -> b (h_kv g) j d", g=x.group)
+        v = repeat(x.v, "b h_kv j d -> b (h_kv g) j d", g=x.group)
+
+        s = torch.einsum("b h i d, b h j d -> b h i j", x.q, k) * x.scale  # (b, h, i, j)
         if attn_bias is not None:
-            s = s + attn_bias
+            s = s + attn_bias.to(work)
         keep = combined_keep(mask, self.causal, i, j, q.device)
         if keep is not None:
-            # the lowest finite value, not -inf: a row with no key left then stays finite
-            # (uniform), and is zeroed below without NaN reaching the gradients
-            s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+            s = s.masked_fill(~keep, float("-inf"))
 
-        p = s.softmax(dim=-1)  # (b, h, i, j)
-        if keep is not None:
-            p = p.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+        p = safe_softmax(s)  # (b, h, i, j); a row with no key (all -inf) is zeros, not NaN
         p = F.dropout(p, self._dropout_p(), training=self.training)
-
         o = torch.einsum("b h i j, b h j d -> b h i d", p, v)  # (b, h, i, d_v)
-        return o.to(out_dtype)
+        return o.to(q.dtype)
 
     def flash_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
-        """Attention through ``F.scaled_dot_product_attention``, keeping its fused kernels eligible."""
-        k, v = check_attention_inputs(q, k, v, mask, attn_bias)
-        i, j = q.shape[2], k.shape[2]
+        """Attention through ``F.scaled_dot_product_attention``, keeping its fused kernels eligible.
+
+        PyTorch picks the kernel among the backends that are enabled (all, by
+        default; ``torch.nn.attention.sdpa_kernel`` narrows the choice).
+        """
+        x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias)
+        if x.is_empty:
+            return self.einsum_attn(q, k, v, mask=mask, attn_bias=attn_bias)  # zeros, or nothing, of the right shape
+        i, j = q.shape[2], x.k.shape[2]
+        # SDPA needs a plain bool; under torch.compile(dynamic=True) the comparison is symbolic, and
+        # branching on it is what makes the compiler settle it (and guard on it)
+        gqa = True if x.group > 1 else False  # noqa: SIM210
 
         def sdpa(q: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
             return F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=self._dropout_p(), is_causal=is_causal,
-                scale=self.scale, enable_gqa=k.shape[1] != q.shape[1],
+                q, x.k, x.v, attn_mask=attn_mask, dropout_p=self._dropout_p(), is_causal=is_causal,
+                scale=x.scale, enable_gqa=gqa,
             )
 
-        with _all_sdpa_backends():
-            if mask is None and attn_bias is None:
-                if not self.causal or i == 1:  # a single query may attend every key
-                    return sdpa(q)
-                if i == j:
-                    return sdpa(q, is_causal=True)
-                if i < j:
-                    # bottom-right causal without a dense mask: the fused kernels take it natively;
-                    # torch.compile cannot trace that bias object, so compiled code gets the (i, j) mask
-                    if torch.compiler.is_compiling():
-                        return sdpa(q, attn_mask=_as_4d(causal_mask(i, j, q.device)))
-                    return sdpa(q, attn_mask=causal_lower_right(i, j))
-                # i > j: the first i - j queries see no key; the rest form a square causal problem
-                o = sdpa(q[:, :, i - j :], is_causal=True)  # (b, h, j, d_v)
-                return F.pad(o, (0, 0, i - j, 0))  # (b, h, i, d_v)
+        if mask is None and attn_bias is None:
+            if not self.causal or i == 1:  # a single query may attend every key
+                return sdpa(q)
+            if i == j:
+                return sdpa(q, is_causal=True)
+            if i < j:
+                # bottom-right causal without a dense mask: the fused kernels take it natively;
+                # torch.compile cannot trace that bias object, so compiled code gets the (i, j) mask
+                if torch.compiler.is_compiling():
+                    return sdpa(q, attn_mask=_as_4d(causal_mask(i, j, q.device)))
+                return sdpa(q, attn_mask=causal_lower_right(i, j))
+            # i > j: the first i - j queries see no key; the rest form a square causal problem
+            o = sdpa(q[:, :, i - j :], is_causal=True)  # (b, h, j, d_v)
+            return F.pad(o, (0, 0, i - j, 0))  # (b, h, i, d_v)
 
-            keep = combined_keep(mask, self.causal, i, j, q.device)
-            if keep is None:
-                return sdpa(q, attn_mask=_as_4d(attn_bias.to(q.dtype)))
+        keep = combined_keep(mask, self.causal, i, j, q.device)
+        bias = None if attn_bias is None else bias_in(q.dtype, attn_bias, keep)
+        if keep is None:
+            return sdpa(q, attn_mask=_as_4d(bias))
 
-            # A row with no key to attend is given every key, then zeroed: fused kernels
-            # disagree on empty rows (cuDNN returns non-zero rows and NaN gradients).
-            row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
-            has_empty_row = _EmptyRowCheck(row_has_key)
-            keep = keep | ~row_has_key
-            if attn_bias is None:
-                attn_mask = keep
-            else:
-                attn_mask = torch.where(keep, attn_bias.to(q.dtype), float("-inf"))
-            o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
-            if has_empty_row:
-                o = o.masked_fill(~_as_4d(row_has_key), 0.0)
-            return o
+        # A row with no key to attend is given every key, then zeroed: the fused kernels disagree
+        # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
+        # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
+        row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
+        keep = keep | ~row_has_key
+        attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
+        o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
+        return o.masked_fill(~_as_4d(row_has_key), 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -18,14 +19,20 @@ def causal_mask(i: int, j: int, device: torch.device | str | None = None) -> Ten
     return torch.ones(i, j, dtype=torch.bool, device=device).tril(j - i)
 
 
-def padding_mask(lengths: Tensor, j: int) -> Tensor:
+def padding_mask(lengths: Tensor | Sequence[int], j: int) -> Tensor:
     """Key-padding mask: batch element ``n`` may attend its first ``lengths[n]`` keys.
 
-    ``lengths`` has shape ``(b,)``. Returns a bool tensor of shape
-    ``(b, 1, 1, j)``, which broadcasts over heads and queries without being
+    ``lengths`` is an integer tensor of shape ``(b,)`` (or a list of ints).
+    Returns a bool tensor of shape ``(b, 1, 1, j)`` on the device of
+    ``lengths``, which broadcasts over heads and queries without being
     expanded, so the fused kernels stay eligible.
     """
-    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex():
+    if not isinstance(lengths, Tensor):
+        try:
+            lengths = torch.as_tensor(lengths)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"lengths must be a 1-D integer tensor (b,) or a list of ints, got {lengths!r}") from error
+    if lengths.dim() != 1 or lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
         raise ValueError(
             f"lengths must be a 1-D integer tensor (b,), got shape {tuple(lengths.shape)} "
             f"and dtype {lengths.dtype}"
@@ -44,6 +51,8 @@ def alibi_slopes(h: int) -> list[float]:
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
 
+    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
+        raise ValueError(f"the number of heads h must be a positive integer, got {h!r}")
     p = 2 ** math.floor(math.log2(h))
     return geometric(p) + geometric(2 * p)[0::2][: h - p]
 

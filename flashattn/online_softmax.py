@@ -27,8 +27,10 @@ def safe_softmax(s: Tensor) -> Tensor:
     Subtracting ``m`` changes nothing mathematically (it cancels between
     numerator and denominator) but keeps every exponent at most 0, so no
     ``exp`` overflows. ``s`` is ``(..., n)``; returns ``p`` of the same shape.
-    A row of only ``-inf`` gives zeros.
+    A row of only ``-inf`` gives zeros; rows of no entries (``n = 0``) stay empty.
     """
+    if s.shape[-1] == 0:
+        return s.clone()
     m = s.amax(dim=-1, keepdim=True)  # (..., 1)
     e = torch.exp(s - finite_or_zero(m))  # (..., n)
     l = e.sum(dim=-1, keepdim=True)  # (..., 1)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .checks import check_attention_inputs, check_scale
+from .inputs import Prepared, check_flag, prepare
 from .online_softmax import finite_or_zero, online_softmax_update
 from .tiles import TileKind, causal_tile_kind, tile_slices
 
@@ -55,22 +55,16 @@ def _sum_groups(t: Tensor, g: int) -> Tensor:
     return t if g == 1 else t.unflatten(1, (-1, g)).sum(dim=2)
 
 
-def _prepare(
-    q: Tensor, k: Tensor, v: Tensor, scale: float | None, block_q: int, block_k: int
-) -> tuple[Tensor, Tensor, Tensor, float]:
-    """Check the inputs; return q, 4-D k and v in the working dtype, and the scale.
+def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None, block_q: int, block_k: int) -> Prepared:
+    """The shared preparation (:func:`~flashattn.inputs.prepare`) in the working dtype, and the tile sizes checked.
 
     Exponentials and running sums lose too much in half precision, so the
     work is done in at least float32, as the kernels accumulate.
     """
-    k, v = check_attention_inputs(q, k, v)
     for name, block in (("block_q", block_q), ("block_k", block_k)):
         if isinstance(block, bool) or not isinstance(block, int) or block < 1:
             raise ValueError(f"{name} must be a positive integer, got {block!r}")
-    scale = check_scale(scale)
-    dtype = torch.promote_types(q.dtype, torch.float32)
-    q, k, v = (t.to(dtype) for t in (q, k, v))
-    return q, k, v, q.shape[-1] ** -0.5 if scale is None else scale
+    return prepare(q, k, v, scale=scale, dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 def tiled_forward_fa2(
@@ -97,10 +91,10 @@ def tiled_forward_fa2(
     least float32, ``-inf`` for a row with no key (whose ``o`` is zero).
     """
     out_dtype = q.dtype
-    q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
+    x = _prepare(q, k, v, scale, block_q, block_k)
+    q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
-    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
-    g = h // h_kv
+    j, d_v = k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
     lse = q.new_empty(b, h, i)
     for rows in tile_slices(i, block_q):  # one program of the kernel
@@ -155,10 +149,10 @@ def tiled_forward_fa1(
     ``lse = m + log l``, formed once at the end.
     """
     out_dtype = q.dtype
-    q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
+    x = _prepare(q, k, v, scale, block_q, block_k)
+    q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
-    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
-    g = h // h_kv
+    j, d_v = k.shape[2], v.shape[3]
     o = q.new_zeros(b, h, i, d_v)  # line 2: O = 0, l = 0, m = -inf, in main memory
     l = q.new_zeros(b, h, i)
     m = q.new_full((b, h, i), float("-inf"))
@@ -203,17 +197,18 @@ def _tile_gradients(
 
 def _backward_setup(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, scale: float | None, block_q: int, block_k: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, float, int]:
     """The inputs of a tiled backward in the working dtype, with ``D = rowsum(dO * O)`` and a finite ``lse``.
 
-    Returns ``(do, q, k, v, delta, lse, scale)``; ``k``, ``v`` 4-D.
+    Returns ``(do, q, k, v, delta, lse, scale, g)``; ``k``, ``v`` 4-D.
     """
-    q, k, v, scale = _prepare(q, k, v, scale, block_q, block_k)
+    x = _prepare(q, k, v, scale, block_q, block_k)
+    q, k, v, scale = x.q, x.k, x.v, x.scale
     do, o = do.to(q.dtype), o.to(q.dtype)
     delta = (do * o).sum(dim=-1)  # (b, h, i): D
     # A row with no key has lse = -inf and every score -inf; any finite lse keeps its P at 0.
     lse = torch.where(torch.isneginf(lse), 0.0, lse).to(q.dtype)  # (b, h, i)
-    return do, q, k, v, delta, lse, scale
+    return do, q, k, v, delta, lse, scale, x.group
 
 
 def tiled_backward(
@@ -252,9 +247,8 @@ def tiled_backward(
     ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
     """
     out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
-    do, q, k, v, delta, lse, scale = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    do, q, k, v, delta, lse, scale, g = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
     i, j = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
     dq = torch.zeros_like(q)  # (b, h, i, d)
     dk = torch.zeros_like(k)  # (b, h_kv, j, d)
     dv = torch.zeros_like(v)  # (b, h_kv, j, d_v)
@@ -301,9 +295,8 @@ def tiled_backward_two_pass(
     Same arguments and returns as :func:`tiled_backward`.
     """
     out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
-    do, q, k, v, delta, lse, scale = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    do, q, k, v, delta, lse, scale, g = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
     i, j = q.shape[2], k.shape[2]
-    g = q.shape[1] // k.shape[1]
     dq = torch.empty_like(q)  # (b, h, i, d)
     dk = torch.empty_like(k)  # (b, h_kv, j, d)
     dv = torch.empty_like(v)  # (b, h_kv, j, d_v)
@@ -382,5 +375,5 @@ def tiled_attention(
     ``q``, ``k``, ``v``, ``o`` and the row log-sum-exp are kept: memory grows
     linearly in the sequence lengths.
     """
-    k, v = check_attention_inputs(q, k, v)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
-    return _TiledAttention.apply(q, k, v, bool(causal), scale, block_q, block_k)
+    x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
+    return _TiledAttention.apply(q, x.k, x.v, check_flag("causal", causal), x.scale, block_q, block_k)

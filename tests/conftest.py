@@ -4,7 +4,7 @@ import torch
 from hypothesis import HealthCheck, settings
 
 # Without a GPU, the Triton kernels run in Triton's interpreter. It must be on before the kernels are
-# defined, that is before flashattn.triton_kernels is imported (on the first call of triton_attention).
+# defined, that is before flashattn.triton.kernels is imported (on the first call of triton_attention).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -145,3 +145,65 @@ def test_masked_call_can_be_captured_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert (captured[1] == 0).all()
     torch.testing.assert_close(captured, eager, atol=0, rtol=0)
+
+
+def test_the_callers_backend_choice_is_kept_on_cuda():
+    """After enable_cudnn_sdp(False) the module must not run cuDNN's kernel, as a direct call would not."""
+    q, k, v = randn(2, 8, 512, 64, seed=40), randn(2, 8, 512, 64, seed=41), randn(2, 8, 512, 64, seed=42)
+    mask = padding_mask(torch.tensor([512, 300], device=DEV), 512)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        for kwargs in ({}, {"mask": mask}):
+            names = kernel_names(lambda: FlashAttention()(q, k, v, **kwargs))
+            assert not any("cudnn" in n.lower() for n in names), names
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_empty_rows_are_zero_on_a_device_that_is_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: the zeroing must not depend on which device is current."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda:1")
+    q, k, v = (torch.randn(2, 4, 256, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.ones(2, 1, 256, 256, dtype=torch.bool, device=dev)
+    mask[1, 0, 7] = False
+    for _ in range(20):
+        o = FlashAttention()(q, k, v, mask=mask)
+        assert (o[1, :, 7] == 0).all() and (o[0, :, 7] != 0).any()
+
+
+def test_a_masked_call_does_not_wait_for_the_gpu():
+    """With a long kernel queued ahead, a masked call returns while that kernel still runs."""
+    q, k, v = randn(2, 4, 256, 64, seed=43), randn(2, 4, 256, 64, seed=44), randn(2, 4, 256, 64, seed=45)
+    mask = padding_mask(torch.tensor([256, 0], device=DEV), 256)  # batch element 1 has no key
+    m = FlashAttention(causal=True)
+    m(q, k, v, mask=mask)  # warm-up: kernels loaded, memory cached
+    torch.cuda.synchronize()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU time at ~2 GHz
+    o = m(q, k, v, mask=mask)
+    still_busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert still_busy, "the masked call waited for the GPU to drain its queue"
+    assert (o[1] == 0).all() and (o[0] != 0).any()
+
+
+@pytest.mark.parametrize("bias_dtype", [torch.bfloat16, torch.float32])
+def test_a_bias_of_minus_infinity_hides_keys_on_cuda(bias_dtype):
+    q = randn(2, 4, 300, 64, seed=46).requires_grad_()
+    k, v = randn(2, 4, 300, 64, seed=47).requires_grad_(), randn(2, 4, 300, 64, seed=48).requires_grad_()
+    bias = torch.zeros(300, 300, device=DEV, dtype=bias_dtype)
+    bias[11] = float("-inf")
+    o = FlashAttention()(q, k, v, attn_bias=bias)
+    o.backward(randn(*o.shape, seed=49))
+    assert (o[:, :, 11] == 0).all() and (q.grad[:, :, 11] == 0).all()
+    assert all(torch.isfinite(t).all() for t in (o, q.grad, k.grad, v.grad))
+
+
+def test_a_wide_bias_is_not_rounded_away_on_cuda():
+    q, k, v = (randn(2, 8, 256, 64, seed=s) for s in (50, 51, 52))
+    bias = 300 + 2 * randn(8, 256, 256, seed=53, dtype=torch.float32)
+    o = FlashAttention()(q, k, v, attn_bias=bias)
+    err = max_err(o, reference_attention(q, k, v, attn_bias=bias))
+    assert err < 4 * 2**-7, err

@@ -31,7 +31,8 @@ CASES = [
     (dict(v=t(B, 2, J, D)), ValueError, r"k and v must have the same number of heads, got .*k \(2, 4, 7, 8\), v \(2, 2, 7, 8\)"),
     (dict(q=t(B, H, I, D, dtype=torch.float64)), TypeError, r"q, k and v must share one dtype, got torch.float64, torch.float32"),
     (dict(q=t(B, H, I, D).to(torch.int64)), TypeError, r"q must be a floating-point tensor, got dtype torch.int64"),
-    (dict(q=t(B, H, 0, D)), ValueError, r"must not be empty, got q \(2, 4, 0, 8\)"),
+    (dict(q=t(B, 0, I, D), k=t(B, 0, J, D), v=t(B, 0, J, D)), ValueError, r"at least one head, got q \(2, 0, 5, 8\)"),
+    (dict(q=t(B, H, I, 0), k=t(B, H, J, 0)), ValueError, r"d and d_v must be positive, got q \(2, 4, 5, 0\)"),
     (dict(mask=torch.ones(I, J)), TypeError, r"mask must be a bool tensor \(True = may attend\), got torch.float32"),
     (dict(mask=torch.ones(I, J + 1, dtype=torch.bool)), ValueError, r"mask of shape \(5, 8\) does not broadcast to \(b, h, i, j\) = \(2, 4, 5, 7\)"),
     (dict(mask=torch.ones(3, 1, I, J, dtype=torch.bool)), ValueError, r"mask of shape \(3, 1, 5, 7\) does not broadcast"),
@@ -61,3 +62,11 @@ def test_good_inputs_pass():
     for flash in (True, False):
         o = FlashAttention(flash=flash)(GOOD["q"], GOOD["k"], GOOD["v"])
         assert o.shape == (B, H, I, D)
+
+
+@pytest.mark.parametrize("name", ["causal", "flash"])
+@pytest.mark.parametrize("bad", [0.1, "no", 1, None])
+def test_flags_must_be_bool(name, bad):
+    """``FlashAttention(0.1)`` once meant ``causal=True``: a flag that is not a bool is an error."""
+    with pytest.raises(TypeError, match=f"{name} must be True or False, got {re.escape(repr(bad))}"):
+        FlashAttention(**{name: bad})

@@ -156,15 +156,114 @@ def test_works_inside_torch_compile(causal):
             torch.testing.assert_close(compiled(q, k, v, **kwargs), expected, atol=1e-12, rtol=1e-12)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_no_available_kernel_never_reaches_the_caller(causal):
-    """Inside a caller's sdpa_kernel that allows no kernel for these inputs, the flash path still runs."""
+def test_the_callers_backend_choice_is_kept():
+    """Inside a caller's ``sdpa_kernel`` the flash path uses what the caller allows, as a direct call would."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     q, k, v = randn(1, 2, 5, 8, seed=23), randn(1, 2, 7, 8, seed=24), randn(1, 2, 7, 8, seed=25)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):  # no such kernel on the CPU
         with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
             torch.nn.functional.scaled_dot_product_attention(q, k, v)
-        o = FlashAttention(causal=causal)(q, k, v)
-        assert torch.backends.cuda.math_sdp_enabled() is False  # the caller's setting is restored
-    torch.testing.assert_close(o, reference_attention(q, k, v, causal=causal), atol=1e-12, rtol=1e-12)
+        with pytest.raises(RuntimeError, match="No (available kernel|viable backend)"):
+            FlashAttention()(q, k, v)
+    with sdpa_kernel(SDPBackend.MATH):
+        o = FlashAttention(causal=True)(q, k, v)
+    torch.testing.assert_close(o, reference_attention(q, k, v, causal=True), atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+@pytest.mark.parametrize("b, i, j", [(0, 4, 6), (2, 0, 6), (2, 4, 0)])
+def test_empty_sizes(flash, b, i, j):
+    """No batch element or no query: an empty result. No key: every row has no key, so zeros."""
+    q = randn(b, 4, i, 8, seed=40).requires_grad_()
+    k, v = randn(b, 2, j, 8, seed=41).requires_grad_(), randn(b, 2, j, 5, seed=42).requires_grad_()
+    for mask in (None, torch.ones(b, 1, i, j, dtype=torch.bool)):
+        o = FlashAttention(causal=True, flash=flash)(q, k, v, mask=mask)
+        assert o.shape == (b, 4, i, 5) and (o == 0).all()
+        dq, dk, dv = torch.autograd.grad(o.sum(), (q, k, v))
+        assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_a_wide_bias_is_not_rounded_away(flash):
+    """A float32 bias of 300 + 2 N(0, 1) with bfloat16 q: the flash path shifts each row before rounding.
+
+    bfloat16 keeps 8 bits: near 300 its spacing is 2, which would move weights by
+    factors up to e; shifted to the row's maximum, the kept biases lie near 0.
+    The output is rounded to bfloat16 (spacing 2^-7 near 1): a few of those.
+    """
+    q, k, v = (randn(2, 4, 6, 16, seed=s, dtype=torch.bfloat16) for s in (50, 51, 52))
+    bias = 300 + 2 * randn(4, 6, 6, seed=53, dtype=torch.float32)
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1, ..., 4:] = False
+    for kwargs in ({}, {"mask": mask}):
+        o = FlashAttention(flash=flash)(q, k, v, attn_bias=bias, **kwargs)
+        err = (o.double() - reference_attention(q, k, v, attn_bias=bias, **kwargs)).abs().max().item()
+        assert err < 4 * 2**-7, err
+
+
+@pytest.mark.parametrize("flash", PATHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_float64_bias_with_narrower_q(flash, dtype):
+    q, k, v = (randn(1, 2, 5, 8, seed=s, dtype=dtype) for s in (54, 55, 56))
+    bias = randn(2, 5, 5, seed=57)  # float64
+    o = FlashAttention(flash=flash)(q, k, v, attn_bias=bias)
+    assert o.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 4 * 2**-7}[dtype]
+    assert (o.double() - reference_attention(q, k, v, attn_bias=bias)).abs().max().item() < tolerance
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_a_bias_of_minus_infinity_hides_keys(flash):
+    """-inf in the bias hides a key like False in the mask; a row left with no key gives zeros and zero gradients."""
+    q = randn(1, 2, 4, 8, seed=58).requires_grad_()
+    k, v = randn(1, 2, 6, 8, seed=59).requires_grad_(), randn(1, 2, 6, 8, seed=60).requires_grad_()
+    bias = torch.zeros(4, 6, dtype=torch.float64)
+    bias[1] = float("-inf")  # row 1 has no key
+    bias[2, 3:] = float("-inf")  # row 2 has keys 0..2
+    o = FlashAttention(flash=flash)(q, k, v, attn_bias=bias)
+    o.backward(randn(*o.shape, seed=61))
+    keep = torch.isfinite(bias)
+    want = reference_attention(q, k, v, mask=keep)
+    torch.testing.assert_close(o, want, atol=1e-12, rtol=1e-12)
+    assert (o[:, :, 1] == 0).all() and (q.grad[:, :, 1] == 0).all()
+    assert all(torch.isfinite(t).all() for t in (q.grad, k.grad, v.grad))
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_nan_in_q_reaches_its_row_only_on_the_einsum_path_by_definition(flash):
+    """Inputs must be finite (the docstring says so); the einsum path keeps NaN in the row it came from.
+
+    The flash path's kernels are PyTorch's and are not checked (a check would
+    make the host wait for the GPU); the test pins down what the documentation
+    promises: the other rows are unaffected on both paths.
+    """
+    q, k, v = randn(1, 1, 4, 8, seed=62), randn(1, 1, 5, 8, seed=63), randn(1, 1, 5, 8, seed=64)
+    q[0, 0, 1, 0] = float("nan")
+    o = FlashAttention(flash=flash)(q, k, v)
+    clean = [0, 2, 3]
+    torch.testing.assert_close(o[:, :, clean], reference_attention(q, k, v)[:, :, clean], atol=1e-12, rtol=1e-12)
+    if not flash:
+        assert torch.isnan(o[0, 0, 1]).all()
+
+
+def test_compiles_with_dynamic_shapes():
+    """torch.compile(dynamic=True) once failed on every flash-path call: enable_gqa received a SymBool."""
+    torch._dynamo.reset()  # the compiles of other tests count against this function's recompile limit
+    m = torch.compile(FlashAttention(causal=True), fullgraph=True, dynamic=True, backend="aot_eager")
+    for i, j, h_kv in ((5, 7, 1), (6, 9, 2), (9, 9, 2)):
+        q, k, v = randn(1, 2, i, 8, seed=i), randn(1, h_kv, j, 8, seed=j), randn(1, h_kv, j, 8, seed=j + 1)
+        torch.testing.assert_close(m(q, k, v), reference_attention(q, k, v, causal=True), atol=1e-12, rtol=1e-12)
+
+
+def test_forward_documents_dropout_in_training_mode():
+    doc = FlashAttention.forward.__doc__
+    assert "training mode" in doc and ".eval()" in doc
+
+
+def test_mask_helpers_reject_bad_arguments():
+    assert torch.equal(padding_mask([3, 0], 4), padding_mask(torch.tensor([3, 0]), 4))
+    with pytest.raises(ValueError, match="the number of heads h must be a positive integer, got 0"):
+        alibi_bias(0, 5, 9)
+    with pytest.raises(ValueError, match="lengths must be a 1-D integer tensor"):
+        padding_mask([1.5, 2.0], 4)

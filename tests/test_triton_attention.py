@@ -11,6 +11,7 @@ stay within twice that of PyTorch's own attention in the same dtype.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -21,17 +22,9 @@ from hypothesis import strategies as st
 
 from flashattn import FlashAttention, tiled_attention, triton_attention
 from flashattn.tiled import tiled_forward_fa2
-from flashattn.triton_attention import (
-    _FLOAT32,
-    _TABLE,
-    KernelConfigs,
-    TileConfig,
-    _is_interpreted,
-    _kernels,
-    _TritonAttention,
-    table_key,
-    triton_forward,
-)
+import flashattn.triton.attention as triton_module
+from flashattn.triton.attention import _is_interpreted, _kernels, _TritonAttention, triton_forward
+from flashattn.triton.launch import _FLOAT32, _TABLE, KernelConfigs, TileConfig, pick_configs, table_key
 from reference import reference_attention, reference_keep
 
 INTERPRETED = _is_interpreted(_kernels())
@@ -276,6 +269,55 @@ def test_table_rows(monkeypatch, capability, head_dim, i, j, key):
     assert table_key(torch.device("cuda"), head_dim, i, j) == key
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpus_before_ampere_are_refused_by_name(monkeypatch, dtype):
+    """A Colab T4 is sm75: no launch was compiled for it, and the error says what it has and needs."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    with pytest.raises(RuntimeError, match=r"compute capability 8.0 or newer .*Tesla T4\) has 7.5"):
+        pick_configs(torch.device("cuda"), dtype, 64, 128, 128)
+
+
+@on_cpu
+def test_interpreter_too_old_is_named(monkeypatch):
+    monkeypatch.setattr(triton_module, "_triton_version", lambda: (3, 6))
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(RuntimeError, match="from triton 3.7 on, and triton 3.6 is installed"):
+        triton_attention(q, q, q)
+
+
+@on_cpu
+def test_interpreter_switched_on_after_import():
+    """A notebook imports flashattn (and so triton, through torch) before it sets TRITON_INTERPRET=1."""
+    code = (
+        "import os, torch, flashattn\n"
+        "from flashattn.tiled import tiled_forward_fa2\n"
+        "os.environ['TRITON_INTERPRET'] = '1'\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "q, k = torch.randn(1, 2, 40, 16, generator=g), torch.randn(1, 2, 50, 16, generator=g)\n"
+        "o = flashattn.triton_attention(q, k, k, causal=True)\n"
+        "print((o - tiled_forward_fa2(q, k, k, causal=True)[0]).abs().max().item())\n"
+    )
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout) < 1e-5
+
+
+def test_causal_must_be_a_bool():
+    q = torch.randn(1, 1, 4, 16)
+    with pytest.raises(TypeError, match="causal must be True or False, got 0.1"):
+        triton_attention(q, q, q, causal=0.1)
+
+
+@pytest.mark.parametrize("b, i, j", [(0, 4, 6), (2, 0, 6), (2, 4, 0)])
+def test_empty_sizes_launch_nothing(b, i, j):
+    device = "cpu" if INTERPRETED else "cuda"
+    q, k, v = torch.randn(b, 2, i, 16, device=device), torch.randn(b, 2, j, 16, device=device), torch.randn(b, 2, j, 16, device=device)
+    o = triton_attention(q, k, v, causal=True)
+    assert o.shape == (b, 2, i, 16) and (o == 0).all()
+
+
 def test_table_tiles_are_powers_of_two():
     # tl.arange and tl.dot need power-of-two tiles of at least 16
     for configs in list(_TABLE.values()) + list(_FLOAT32.values()):
@@ -352,3 +394,29 @@ def test_cuda_rejects_cpu_tensors():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(ValueError, match="CUDA tensors"):
         triton_attention(q, q, q)
+
+
+@on_cuda
+def test_cuda_long_rows_of_a_wide_buffer():
+    """Row offsets past 2**31 elements: keys and values are slices of a (j, 32768) buffer, j = 66000.
+
+    The result must equal, bit for bit, that of the same keys and values made
+    contiguous (the kernels then do the same arithmetic in the same order).
+    """
+    j, width, d = 66000, 32768, 64
+    assert j * width > 2**31
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    buffer = torch.randn(1, j, width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k = buffer[:, :, :d].unsqueeze(1)  # (1, 1, j, d), row stride 32768
+    v = buffer[:, :, -d:].unsqueeze(1)
+    q = torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    do = torch.randn(1, 2, 300, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    results = []
+    for kk, vv in ((k, v), (k.contiguous(), v.contiguous())):
+        qq, kk, vv = (t.detach().requires_grad_() for t in (q, kk, vv))
+        o = triton_attention(qq, kk, vv, causal=True)
+        o.backward(do)
+        results.append((o, qq.grad, kk.grad, vv.grad))
+    for name, strided, contiguous in zip(("o", "dq", "dk", "dv"), *results):
+        assert torch.isfinite(strided).all(), name
+        assert torch.equal(strided, contiguous), name

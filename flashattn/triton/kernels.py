@@ -36,6 +36,17 @@ DOT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
+def _tile_ptrs(base, start, stride, BLOCK: tl.constexpr, cols):
+    """Pointers to rows ``start .. start + BLOCK`` and columns ``cols`` of a matrix at ``base`` with row ``stride``.
+
+    The row offset ``start * stride`` is taken in 64 bits: for a long
+    sequence, or rows of a wide packed buffer, it passes 2**31. Within the
+    tile the offsets stay small and 32-bit.
+    """
+    return base + tl.cast(start, tl.int64) * stride + tl.arange(0, BLOCK)[:, None] * stride + cols[None, :]
+
+
+@triton.jit
 def _fwd_stage(
     acc, m, l, q,
     k_base, v_base, stride_kj, stride_vj,
@@ -47,7 +58,7 @@ def _fwd_stage(
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         # load K_c; rows past j read as zero and are masked below
-        k = tl.load(k_base + offs_k[:, None] * stride_kj + offs_d[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        k = tl.load(_tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K), unscaled
         if MASKED:
             keep = (offs_k < j)[None, :]
@@ -67,7 +78,7 @@ def _fwd_stage(
         # rescale what was summed under the old maximum: exp2(m - m_new) <= 1
         alpha = tl.math.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None] * stride_vj + offs_dv[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
     return acc, m, l
@@ -116,8 +127,7 @@ def attn_fwd_kernel(
     diag_offset = j - i
 
     # -- load Q_r once; it stays on chip while every key tile streams past
-    q_rows = q_ptr + batch * stride_qb + head * stride_qh + offs_q[:, None] * stride_qi
-    q = tl.load(q_rows + offs_d[None, :], mask=(offs_q < i)[:, None], other=0.0)
+    q = tl.load(_tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d), mask=(offs_q < i)[:, None], other=0.0)
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row maximum (base 2)
     l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)  # running, unnormalised P V
@@ -134,8 +144,7 @@ def attn_fwd_kernel(
     l = tl.where(l == 0.0, 1.0, l)
     o = acc / l[:, None]
     lse = (m + tl.math.log2(l)) * LN2
-    o_rows = o_ptr + batch * stride_ob + head * stride_oh + offs_q[:, None] * stride_oi
-    tl.store(o_rows + offs_dv[None, :], o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
+    tl.store(_tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv), o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
     lse_rows = lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q
     tl.store(lse_rows, lse, mask=offs_q < i)
 
@@ -151,12 +160,13 @@ def attn_bwd_preprocess_kernel(
     """delta = rowsum(dO * O) for one tile of rows: grid (n_q_tiles, h, b)."""
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
-    offs_q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    start_q = tl.program_id(0) * BLOCK_Q
+    offs_q = start_q + tl.arange(0, BLOCK_Q)
     offs_dv = tl.arange(0, DV)
     rows = (offs_q < i)[:, None]
-    o = tl.load(o_ptr + batch * stride_ob + head * stride_oh + offs_q[:, None] * stride_oi + offs_dv[None, :],
+    o = tl.load(_tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv),
                 mask=rows, other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + offs_q[:, None] * stride_doi + offs_dv[None, :],
+    do = tl.load(_tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
                  mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * i + offs_q, delta, mask=offs_q < i)
@@ -189,14 +199,14 @@ def _dkdv_stage(
     for start_q in range(lo, hi, BLOCK_Q):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
-        q = tl.load(q_base + offs_q[:, None] * stride_qi + offs_d[None, :], mask=rows[:, None], other=0.0)
+        q = tl.load(_tile_ptrs(q_base, start_q, stride_qi, BLOCK_Q, offs_d), mask=rows[:, None], other=0.0)
         lse2 = _load_lse2(lse_base, offs_q, rows)
         # recompute P^T from the scores and the saved lse: no running max needed
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_Q)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
-        do = tl.load(do_base + offs_q[:, None] * stride_doi + offs_dv[None, :], mask=rows[:, None], other=0.0)
+        do = tl.load(_tile_ptrs(do_base, start_q, stride_doi, BLOCK_Q, offs_dv), mask=rows[:, None], other=0.0)
         # dV += P^T dO
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         # dP^T = V dO^T, then dS^T = P^T * (dP^T - D): the softmax's backward, row by row
@@ -233,9 +243,9 @@ def attn_bwd_dkdv_kernel(
 
     # -- load K_c and V_c once; dK_c and dV_c accumulate on chip
     cols = (offs_k < j)[:, None]
-    k = tl.load(k_ptr + batch * stride_kb + kv_head * stride_kh + offs_k[:, None] * stride_kj + offs_d[None, :],
+    k = tl.load(_tile_ptrs(k_ptr + batch * stride_kb + kv_head * stride_kh, start_k, stride_kj, BLOCK_K, offs_d),
                 mask=cols, other=0.0)
-    v = tl.load(v_ptr + batch * stride_vb + kv_head * stride_vh + offs_k[:, None] * stride_vj + offs_dv[None, :],
+    v = tl.load(_tile_ptrs(v_ptr + batch * stride_vb + kv_head * stride_vh, start_k, stride_vj, BLOCK_K, offs_dv),
                 mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
@@ -264,9 +274,9 @@ def attn_bwd_dkdv_kernel(
 
     # -- epilogue: dS was taken with respect to the scaled scores, so dK carries the scale once
     dk = dk * scale
-    tl.store(dk_ptr + batch * stride_dkb + kv_head * stride_dkh + offs_k[:, None] * stride_dkj + offs_d[None, :],
+    tl.store(_tile_ptrs(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, start_k, stride_dkj, BLOCK_K, offs_d),
              dk.to(dk_ptr.dtype.element_ty), mask=cols)
-    tl.store(dv_ptr + batch * stride_dvb + kv_head * stride_dvh + offs_k[:, None] * stride_dvj + offs_dv[None, :],
+    tl.store(_tile_ptrs(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, start_k, stride_dvj, BLOCK_K, offs_dv),
              dv.to(dv_ptr.dtype.element_ty), mask=cols)
 
 
@@ -281,8 +291,8 @@ def _dq_stage(
     """The inner loop of dQ: key tiles ``lo`` to ``hi`` against one query tile."""
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
-        k = tl.load(k_base + offs_k[:, None] * stride_kj + offs_d[None, :], mask=(offs_k < j)[:, None], other=0.0)
-        v = tl.load(v_base + offs_k[:, None] * stride_vj + offs_dv[None, :], mask=(offs_k < j)[:, None], other=0.0)
+        k = tl.load(_tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
+        v = tl.load(_tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
         # recompute P from the scores and the saved lse
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -329,9 +339,9 @@ def attn_bwd_dq_kernel(
 
     # -- load Q_r, dO_r, lse_r and D_r once
     rows = offs_q < i
-    q = tl.load(q_ptr + batch * stride_qb + head * stride_qh + offs_q[:, None] * stride_qi + offs_d[None, :],
+    q = tl.load(_tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d),
                 mask=rows[:, None], other=0.0)
-    do = tl.load(do_ptr + batch * stride_dob + head * stride_doh + offs_q[:, None] * stride_doi + offs_dv[None, :],
+    do = tl.load(_tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
                  mask=rows[:, None], other=0.0)
     head_rows = (batch * tl.num_programs(1) + head) * i  # where this head's lse and delta start
     lse2 = _load_lse2(lse_ptr + head_rows, offs_q, rows)
@@ -347,5 +357,5 @@ def attn_bwd_dq_kernel(
 
     # -- epilogue
     dq = dq * scale
-    tl.store(dq_ptr + batch * stride_dqb + head * stride_dqh + offs_q[:, None] * stride_dqi + offs_d[None, :],
+    tl.store(_tile_ptrs(dq_ptr + batch * stride_dqb + head * stride_dqh, start_q, stride_dqi, BLOCK_Q, offs_d),
              dq.to(dq_ptr.dtype.element_ty), mask=rows[:, None])

@@ -1,20 +1,23 @@
-"""FlashAttention-2 in Triton: the kernels of ``triton_kernels`` behind a ``torch.autograd.Function``.
+"""FlashAttention-2 in Triton: the kernels of :mod:`flashattn.triton.kernels` behind a ``torch.autograd.Function``.
 
 ``triton_attention`` computes the same function as ``tiled_attention``, the
 algorithm written in PyTorch: the forward saves only ``o`` and ``lse``, the
 backward recomputes the probabilities tile by tile. It runs on CUDA tensors
-(float16, bfloat16, float32), or, when ``TRITON_INTERPRET=1`` is set before
-its first call, on CPU tensors through Triton's interpreter.
+(float16, bfloat16, float32) on GPUs of compute capability 8.0 or newer, or,
+when ``TRITON_INTERPRET=1`` is set before its first call, on CPU tensors
+through Triton's interpreter (triton 3.7 or newer).
 
 ``triton_forward`` runs the forward kernel alone and returns ``(o, lse)``, as
 ``tiled_forward_fa2`` does. Tile sizes and launch options come from a table
-keyed by GPU architecture, head dimension and sequence length, measured by
-``benchmarks/tune_triton.py``.
+keyed by GPU architecture, head dimension and sequence length
+(:mod:`flashattn.triton.launch`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -23,105 +26,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .checks import check_attention_inputs, check_scale
+from ..inputs import check_flag, prepare
+from ..tiled import tiled_attention, tiled_forward_fa2
+from .launch import PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
 
 
-@dataclass(frozen=True)
-class TileConfig:
-    """How one kernel is launched: its tile of queries and of keys, warps, pipeline stages."""
-
-    block_q: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class KernelConfigs:
-    """The launch of each kernel of one attention call; the backward's preprocessing pass needs none."""
-
-    fwd: TileConfig
-    dkdv: TileConfig
-    dq: TileConfig
-
-
-_Launch = tuple[int, int, int, int]  # (block_q, block_k, num_warps, num_stages)
-
-
-def _configs(fwd: _Launch, dkdv: _Launch, dq: _Launch) -> KernelConfigs:
-    return KernelConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
-
-
-# (block_q, block_k, num_warps, num_stages) for 16-bit inputs, keyed by architecture, padded head
-# dimension (16 and 32 share the rows of 64) and length: "short" when neither i nor j exceeds
-# SHORT, "long" otherwise, "any" where the length does not matter. For dK/dV, block_k is the tile a
-# program owns and block_q the tile it streams; for the forward and dQ, the other way round.
-#
-# Hopper's rows are chosen by benchmarks/tune_triton.py on the H200 (benchmarks/results/tune-h200-*.json):
-# long sequences favour large tiles; short causal ones small tiles, which waste less work on the
-# diagonal (9-14% faster at n = 1k). Without the causal rule, the small tiles gain 2-3% at n = 1k
-# and lose 6-9% at n = 2k. Ampere's rows are not measured here: they are shapes that fit the
-# shared memory of every Ampere and Ada GPU (99 KiB per block) without spilling registers, as
-# ptxas reports them.
-SHORT = 2048
-_TABLE: dict[tuple[str, int, str], KernelConfigs] = {
-    ("sm90", 64, "short"): _configs(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
-    ("sm90", 64, "long"): _configs(fwd=(128, 64, 8, 4), dkdv=(32, 64, 4, 4), dq=(128, 64, 8, 3)),
-    ("sm90", 128, "short"): _configs(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
-    ("sm90", 128, "long"): _configs(fwd=(128, 128, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
-    ("sm90", 256, "any"): _configs(fwd=(64, 32, 4, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 2)),
-    ("sm80", 64, "any"): _configs(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
-    ("sm80", 128, "any"): _configs(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 2)),
-    ("sm80", 256, "any"): _configs(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
-}
-# float32 tiles take twice the memory of 16-bit ones: small tiles, the same on every GPU
-_FLOAT32 = {
-    64: _configs(fwd=(32, 32, 4, 2), dkdv=(32, 32, 4, 2), dq=(32, 32, 4, 2)),
-    128: _configs(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
-    256: _configs(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1)),
-}
-# the interpreter runs each program as numpy code: few, large tiles are fastest
-_INTERPRETER = _configs(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
-_PREPROCESS_BLOCK_Q = 64
-
-
-def table_key(device: torch.device, head_dim: int, i: int, j: int) -> tuple[str, int, str]:
-    """The row of ``_TABLE`` for 16-bit inputs: architecture, padded head dimension, length."""
-    major, _ = torch.cuda.get_device_capability(device)
-    # Hopper's rows serve later GPUs too; Ampere's serve every GPU before Hopper
-    arch = "sm90" if major >= 9 else "sm80"
-    row = max(head_dim, 64)
-    length = "short" if max(i, j) <= SHORT else "long"
-    return (arch, row, length) if (arch, row, length) in _TABLE else (arch, row, "any")
-
-
-def pick_configs(
-    device: torch.device, dtype: torch.dtype, head_dim: int, i: int, j: int, interpreted: bool = False
-) -> KernelConfigs:
-    """How to launch each kernel for ``i`` queries and ``j`` keys in ``dtype`` on ``device``.
-
-    ``head_dim`` is the padded head dimension the kernels see.
-    """
-    if interpreted:
-        return _INTERPRETER
-    if dtype == torch.float32:
-        return _FLOAT32[max(head_dim, 64)]
-    return _TABLE[table_key(device, head_dim, i, j)]
-
-
 def _kernels() -> ModuleType:
     """The kernel module, imported on first use: ``flashattn`` itself does not need triton."""
     try:
-        from . import triton_kernels
+        from . import kernels
     except ImportError as error:
         raise ImportError(
             "triton_attention needs triton (pip install triton, or the flashattn[triton] extra); "
             "tiled_attention computes the same function in plain PyTorch"
         ) from error
-    return triton_kernels
+    return kernels
 
 
 def _is_interpreted(kernels: ModuleType) -> bool:
@@ -129,6 +51,53 @@ def _is_interpreted(kernels: ModuleType) -> bool:
     import triton
 
     return not isinstance(kernels.attn_fwd_kernel, triton.runtime.JITFunction)
+
+
+@contextlib.contextmanager
+def _interpretable_language() -> Iterator[None]:
+    """Let the interpreter call Triton's own jit'd helpers (``tl.zeros``, ``tl.sum``, ...) while a kernel runs.
+
+    Triton builds its helpers for the GPU or for the interpreter when it is
+    first imported, and ``import flashattn`` imports it (through torch)
+    before a notebook can set ``TRITON_INTERPRET=1``. Interpreted copies then
+    stand in for the GPU helpers during the launch, and are taken back after.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    replaced = [
+        (module, name, helper)
+        for module in (tl, tl.math, tl.standard)
+        for name, helper in vars(module).items()
+        if isinstance(helper, JITFunction)
+    ]
+    try:
+        for module, name, helper in replaced:
+            setattr(module, name, InterpretedFunction(helper.fn))
+        yield
+    finally:
+        for module, name, helper in replaced:
+            setattr(module, name, helper)
+
+
+def _run(name: str, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
+    """Launch the kernel ``name`` of :mod:`flashattn.triton.kernels` on ``grid``."""
+    kernels = _kernels()
+    launch = getattr(kernels, name)[grid]
+    if _is_interpreted(kernels):
+        with _interpretable_language():
+            launch(*args, **kwargs)
+    else:
+        launch(*args, **kwargs)
+
+
+def _triton_version() -> tuple[int, int]:
+    """The installed triton's (major, minor) version."""
+    import triton
+
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def _kernel_head_dim(n: int) -> int:
@@ -150,7 +119,7 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: T
     o = q.new_empty(b, h, i, d_v)
     lse = q.new_empty(b, h, i, dtype=torch.float32)
     grid = (math.ceil(i / cfg.block_q), h, b)
-    _kernels().attn_fwd_kernel[grid](
+    _run("attn_fwd_kernel", grid,
         q, k, v, o, lse,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
         h // h_kv, i, j, scale * math.log2(math.e),
@@ -164,8 +133,8 @@ def _backward_preprocess(o: Tensor, do: Tensor) -> Tensor:
     """The backward's first pass: ``delta = rowsum(dO * O)`` (b, h, i) float32."""
     b, h, i, d_v = o.shape
     delta = o.new_empty(b, h, i, dtype=torch.float32)
-    _kernels().attn_bwd_preprocess_kernel[(math.ceil(i / _PREPROCESS_BLOCK_Q), h, b)](
-        o, do, delta, *o.stride()[:3], *do.stride()[:3], i, DV=d_v, BLOCK_Q=_PREPROCESS_BLOCK_Q,
+    _run("attn_bwd_preprocess_kernel", (math.ceil(i / PREPROCESS_BLOCK_Q), h, b),
+        o, do, delta, *o.stride()[:3], *do.stride()[:3], i, DV=d_v, BLOCK_Q=PREPROCESS_BLOCK_Q,
     )
     return delta
 
@@ -177,7 +146,7 @@ def _backward_dkdv(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
-    _kernels().attn_bwd_dkdv_kernel[(math.ceil(j / cfg.block_k), h_kv, b)](
+    _run("attn_bwd_dkdv_kernel", (math.ceil(j / cfg.block_k), h_kv, b),
         q, k, v, do, lse, delta, dk, dv,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
         h, h // h_kv, i, j, scale, scale * math.log2(math.e),
@@ -194,7 +163,7 @@ def _backward_dq(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dq = q.new_empty(q.shape)
-    _kernels().attn_bwd_dq_kernel[(math.ceil(i / cfg.block_q), h, b)](
+    _run("attn_bwd_dq_kernel", (math.ceil(i / cfg.block_q), h, b),
         q, k, v, do, lse, delta, dq,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
         h // h_kv, i, j, scale, scale * math.log2(math.e),
@@ -259,8 +228,8 @@ class _Prepared:
 
 def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
     """Check the inputs and bring them to the form the kernels read (see ``_TritonAttention``)."""
-    k, v = check_attention_inputs(q, k, v)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
-    scale = check_scale(scale)
+    x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
+    k, v, scale = x.k, x.v, x.scale
     if q.dtype not in _DTYPES:
         raise TypeError(f"triton_attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
     d, d_v = q.shape[-1], v.shape[-1]
@@ -270,6 +239,11 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
             f"(q {tuple(q.shape)}, v {tuple(v.shape)})"
         )
     interpreted = _is_interpreted(_kernels())
+    if interpreted and _triton_version() < (3, 7):
+        raise RuntimeError(
+            f"Triton's interpreter runs these kernels from triton 3.7 on, and triton {'.'.join(map(str, _triton_version()))} "
+            "is installed: upgrade triton, or use tiled_attention on the CPU"
+        )
     if interpreted and q.device.type != "cpu":
         raise ValueError(f"under TRITON_INTERPRET=1 the kernels run on CPU tensors, got q on {q.device}")
     if not interpreted and q.device.type != "cuda":
@@ -282,7 +256,6 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
     if interpreted and dtype == torch.bfloat16:
         # numpy has no bfloat16, and the interpreter's stand-in computes it wrongly: work in float32
         q, k, v = q.float(), k.float(), v.float()
-    scale = d**-0.5 if scale is None else scale
     if scale < 0:
         # the kernels need scale >= 0 (they scale the row maximum, not every score); (-q) k^T |scale| is the same
         q, scale = -q, -scale
@@ -294,6 +267,11 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
     return _Prepared(q, k, v, scale, configs, d_v, dtype)
 
 
+def _is_empty(q: Tensor, k: Tensor) -> bool:
+    """Nothing to compute (no batch element, query or key): no kernel is launched on an empty grid."""
+    return q.numel() == 0 or k.numel() == 0
+
+
 def triton_forward(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -303,8 +281,11 @@ def triton_forward(
     ``(b, h, i, d_v)`` in the dtype of ``q``, and ``lse`` ``(b, h, i)`` in
     float32, ``-inf`` for a row with no key (whose ``o`` is zero).
     """
+    causal = check_flag("causal", causal)
+    if _is_empty(q, k):
+        return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
     p = _prepare(q, k, v, scale)
-    o, lse = _forward(p.q, p.k, p.v, bool(causal), p.scale, p.configs.fwd)
+    o, lse = _forward(p.q, p.k, p.v, causal, p.scale, p.configs.fwd)
     return o[..., : p.d_v].to(p.dtype), lse
 
 
@@ -324,6 +305,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
     Inputs are CUDA tensors in float16, bfloat16 or float32, or CPU tensors
     when ``TRITON_INTERPRET=1`` was set before the first call.
     """
+    causal = check_flag("causal", causal)
+    if _is_empty(q, k):
+        return tiled_attention(q, k, v, causal=causal, scale=scale)
     p = _prepare(q, k, v, scale)
-    o = _TritonAttention.apply(p.q, p.k, p.v, bool(causal), p.scale, p.configs)  # (b, h, i, padded d_v)
+    o = _TritonAttention.apply(p.q, p.k, p.v, causal, p.scale, p.configs)  # (b, h, i, padded d_v)
     return o[..., : p.d_v].to(p.dtype)

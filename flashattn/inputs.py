@@ -1,8 +1,16 @@
-"""Input checks for attention: every error names the argument and the shapes."""
+"""The inputs of attention, checked and prepared once for every implementation.
+
+Every implementation of the package (the einsum path, the flash path, the
+tiled PyTorch code and the Triton kernels) starts with :func:`prepare`:
+the same checks, whose errors name the argument and the shapes, the same
+4-D views of ``k`` and ``v``, the same default scale and the same
+grouped-query group size.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -75,12 +83,14 @@ def check_attention_inputs(
         raise ValueError(f"k and v must have the same length j, got {_shapes(q, k, v)}")
     if v4.shape[1] != h_kv:
         raise ValueError(f"k and v must have the same number of heads, got {_shapes(q, k, v)}")
+    if h_kv == 0 or h == 0:
+        raise ValueError(f"q, k and v must have at least one head, got {_shapes(q, k, v)}")
     if h % h_kv != 0:
         raise ValueError(
             f"the heads of q ({h}) must be a multiple of the heads of k and v ({h_kv}), got {_shapes(q, k, v)}"
         )
-    if i == 0 or j == 0 or d == 0:
-        raise ValueError(f"q, k and v must not be empty, got {_shapes(q, k, v)}")
+    if d == 0 or v4.shape[-1] == 0:
+        raise ValueError(f"the head dimensions d and d_v must be positive, got {_shapes(q, k, v)}")
 
     target = (b, h, i, j)
     if mask is not None:
@@ -100,6 +110,13 @@ def check_attention_inputs(
     return k4, v4
 
 
+def check_flag(name: str, value: bool) -> bool:
+    """Return ``value`` if it is a bool; raise ``TypeError`` naming ``name`` otherwise (``0.1`` is not ``True``)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} of type {type(value).__name__}")
+    return value
+
+
 def check_dropout(dropout: float) -> float:
     """Return ``dropout`` as a float, or raise ``ValueError`` unless it lies in ``[0, 1)``."""
     p = float(dropout)
@@ -116,3 +133,48 @@ def check_scale(scale: float | None) -> float | None:
     if not math.isfinite(s):
         raise ValueError(f"scale must be a finite number or None, got {scale}")
     return s
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Checked inputs of attention: ``q`` ``(b, h, i, d)``, ``k`` ``(b, h_kv, j, d)``, ``v`` ``(b, h_kv, j, d_v)``.
+
+    ``scale`` is the factor on ``q k^T`` (``d ** -0.5`` unless chosen) and
+    ``group`` the number of query heads that share one key/value head.
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    scale: float
+    group: int
+
+    @property
+    def is_empty(self) -> bool:
+        """Whether there is nothing to compute: no batch element, no query or no key."""
+        return self.q.numel() == 0 or self.k.shape[2] == 0
+
+
+def prepare(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float | None = None,
+    mask: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+) -> Prepared:
+    """Check the inputs of attention and bring them to one form (see :class:`Prepared`).
+
+    3-D ``k``, ``v`` ``(b, j, d)`` become ``(b, 1, j, d)`` views, through
+    which autograd returns gradients of the original shape. With ``dtype``,
+    ``q``, ``k`` and ``v`` are cast to it (the working dtype of an
+    implementation that computes in more precision than its inputs).
+    ``mask`` and ``attn_bias`` are checked, not changed.
+    """
+    k, v = check_attention_inputs(q, k, v, mask, attn_bias)
+    scale = check_scale(scale)
+    if dtype is not None:
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return Prepared(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, q.shape[1] // k.shape[1])

@@ -1,0 +1,112 @@
+"""How each Triton kernel is launched: tile sizes, warps and pipeline stages, per GPU and problem.
+
+The table is keyed by GPU architecture, head dimension and sequence length,
+and was measured by ``benchmarks/tune_triton.py``. The kernels need an
+NVIDIA GPU of compute capability 8.0 or newer (Ampere, Ada, Hopper, ...):
+older ones, such as the T4 (7.5) that Colab sometimes gives, are refused
+with an error that says so, because no launch here was compiled for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+MIN_CAPABILITY = (8, 0)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """How one kernel is launched: its tile of queries and of keys, warps, pipeline stages."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class KernelConfigs:
+    """The launch of each kernel of one attention call; the backward's preprocessing pass needs none."""
+
+    fwd: TileConfig
+    dkdv: TileConfig
+    dq: TileConfig
+
+
+_Launch = tuple[int, int, int, int]  # (block_q, block_k, num_warps, num_stages)
+
+
+def _configs(fwd: _Launch, dkdv: _Launch, dq: _Launch) -> KernelConfigs:
+    return KernelConfigs(TileConfig(*fwd), TileConfig(*dkdv), TileConfig(*dq))
+
+
+# (block_q, block_k, num_warps, num_stages) for 16-bit inputs, keyed by architecture, padded head
+# dimension (16 and 32 share the rows of 64) and length: "short" when neither i nor j exceeds
+# SHORT, "long" otherwise, "any" where the length does not matter. For dK/dV, block_k is the tile a
+# program owns and block_q the tile it streams; for the forward and dQ, the other way round.
+#
+# Hopper's rows are chosen by benchmarks/tune_triton.py on the H200 (benchmarks/results/tune-h200-*.json):
+# long sequences favour large tiles; short causal ones small tiles, which waste less work on the
+# diagonal (9-14% faster at n = 1k). Without the causal rule, the small tiles gain 2-3% at n = 1k
+# and lose 6-9% at n = 2k. Ampere's rows are not measured here: they are shapes that fit the
+# shared memory of every Ampere and Ada GPU (99 KiB per block) without spilling registers, as
+# ptxas reports them.
+SHORT = 2048
+_TABLE: dict[tuple[str, int, str], KernelConfigs] = {
+    ("sm90", 64, "short"): _configs(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
+    ("sm90", 64, "long"): _configs(fwd=(128, 64, 8, 4), dkdv=(32, 64, 4, 4), dq=(128, 64, 8, 3)),
+    ("sm90", 128, "short"): _configs(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
+    ("sm90", 128, "long"): _configs(fwd=(128, 128, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    ("sm90", 256, "any"): _configs(fwd=(64, 32, 4, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 2)),
+    ("sm80", 64, "any"): _configs(fwd=(128, 64, 4, 3), dkdv=(32, 128, 8, 3), dq=(128, 64, 8, 3)),
+    ("sm80", 128, "any"): _configs(fwd=(128, 64, 8, 3), dkdv=(32, 64, 8, 2), dq=(64, 64, 8, 2)),
+    ("sm80", 256, "any"): _configs(fwd=(64, 32, 4, 2), dkdv=(16, 32, 4, 2), dq=(32, 32, 4, 2)),
+}
+# float32 tiles take twice the memory of 16-bit ones: small tiles, the same on every GPU
+_FLOAT32 = {
+    64: _configs(fwd=(32, 32, 4, 2), dkdv=(32, 32, 4, 2), dq=(32, 32, 4, 2)),
+    128: _configs(fwd=(32, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1)),
+    256: _configs(fwd=(16, 16, 4, 1), dkdv=(16, 16, 4, 1), dq=(16, 16, 4, 1)),
+}
+# the interpreter runs each program as numpy code: few, large tiles are fastest
+_INTERPRETER = _configs(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 1))
+PREPROCESS_BLOCK_Q = 64
+
+
+def check_capability(device: torch.device) -> None:
+    """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer)."""
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        raise RuntimeError(
+            f"triton_attention needs an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
+            f"or newer (Ampere or later); {device} ({torch.cuda.get_device_name(device)}) has "
+            f"{capability[0]}.{capability[1]}. tiled_attention and FlashAttention compute the same function there."
+        )
+
+
+def table_key(device: torch.device, head_dim: int, i: int, j: int) -> tuple[str, int, str]:
+    """The row of ``_TABLE`` for 16-bit inputs: architecture, padded head dimension, length."""
+    check_capability(device)
+    major, _ = torch.cuda.get_device_capability(device)
+    # Hopper's rows serve later GPUs too; Ampere's serve every GPU before Hopper
+    arch = "sm90" if major >= 9 else "sm80"
+    row = max(head_dim, 64)
+    length = "short" if max(i, j) <= SHORT else "long"
+    return (arch, row, length) if (arch, row, length) in _TABLE else (arch, row, "any")
+
+
+def pick_configs(
+    device: torch.device, dtype: torch.dtype, head_dim: int, i: int, j: int, interpreted: bool = False
+) -> KernelConfigs:
+    """How to launch each kernel for ``i`` queries and ``j`` keys in ``dtype`` on ``device``.
+
+    ``head_dim`` is the padded head dimension the kernels see.
+    """
+    if interpreted:
+        return _INTERPRETER
+    check_capability(device)
+    if dtype == torch.float32:
+        return _FLOAT32[max(head_dim, 64)]
+    return _TABLE[table_key(device, head_dim, i, j)]
