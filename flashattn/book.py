@@ -89,17 +89,17 @@ def max_error(got: Tensor, want: Tensor) -> float:
     return (got.detach().double().cpu() - want.detach().double().cpu()).abs().max().item() if got.numel() else 0.0
 
 
-def check(claim: str, got: Tensor, want: Tensor, atol: float) -> float:
+def check(claim: str, got: Tensor, want: Tensor, atol: float) -> None:
     """Print the largest absolute error of ``got`` against ``want`` with its tolerance; raise past it.
 
     The line reads ``claim: max |error| = 3.1e-07 (tolerance 1e-05)``. The
     error's digits depend on the device that computed it, so nbval's sanitize
     file (``notebooks/nbval_sanitize.cfg``) masks them before comparing;
     the tolerance, and the ``AssertionError`` past it, do not. NaN anywhere
-    in ``got`` fails the check. Returns the error.
+    in ``got`` fails the check. Returns nothing, so that a check at the end
+    of a cell prints only its line (use :func:`max_error` for the number).
     """
     err = max_error(got, want)
     print(f"{claim}: max |error| = {err:.1e} (tolerance {atol:.0e})")
     if not err <= atol:  # a NaN error fails too
         raise AssertionError(f"{claim}: max |error| = {err:.3e} exceeds the tolerance {atol:.0e}")
-    return err
