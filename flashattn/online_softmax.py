@@ -1,7 +1,9 @@
 """The online softmax: the softmax computed block by block, and the merge of two partial results.
 
 Everything here works along the last dimension, one row at a time, with any
-leading dimensions. Scores of ``-inf`` stand for masked entries; a row whose
+leading dimensions, and in the dtype of the scores it is given: the running
+statistics of half-precision scores are off by per cents, so pass float32
+scores (as the tiled code and the kernels keep their statistics in float32). Scores of ``-inf`` stand for masked entries; a row whose
 every score is ``-inf`` has no key to attend, and its probabilities (and the
 output built from them) are zeros, never NaN.
 """
