@@ -16,7 +16,8 @@ def causal_mask(i: int, j: int, device: torch.device | str | None = None) -> Ten
     sees every key, as in decoding with a KV cache. For ``i == j`` this is the
     lower triangle. Returns a bool tensor of shape ``(i, j)``.
     """
-    return torch.ones(i, j, dtype=torch.bool, device=device).tril(j - i)
+    # a comparison of two ranges: bool tril is slow on some CPUs
+    return torch.arange(j, device=device)[None, :] <= torch.arange(i, device=device)[:, None] + (j - i)
 
 
 def padding_mask(lengths: Tensor | Sequence[int], j: int) -> Tensor:
