@@ -22,12 +22,15 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import matplotlib.pyplot"
 "$py" -c "import torch; print('executing on', torch.cuda.get_device_name() if torch.cuda.is_available() else 'the CPU (no GPU found)')"
 
-"$py" scripts/execute_notebooks.py notebooks/*.ipynb
+status=0
+"$py" scripts/execute_notebooks.py notebooks/*.ipynb || status=$?
 
+# packed even when a chapter failed: its error is in its outputs, to be read
 if [ -n "${OUT:-}" ]; then
     tar -cf "$OUT/notebooks.tar" notebooks/*.ipynb
     echo "packed the executed notebooks into \$OUT/notebooks.tar"
 fi
+[ "$status" -eq 0 ] || exit "$status"
 
 "$py" -m pytest -p no:cacheprovider --nbval --nbval-current-env \
     --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
