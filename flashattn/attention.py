@@ -15,7 +15,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .inputs import check_dropout, check_flag, check_scale, prepare
 from .masks import causal_mask
-from .online_softmax import finite_or_zero, safe_softmax
+from .online_softmax import finite_or_zero
 
 
 def combined_keep(mask: Tensor | None, causal: bool, i: int, j: int, device: torch.device) -> Tensor | None:
@@ -128,7 +128,14 @@ class FlashAttention(nn.Module):
         if keep is not None:
             s = s.masked_fill(~keep, float("-inf"))
 
-        p = safe_softmax(s)  # (b, h, i, j); a row with no key (all -inf) is zeros, not NaN
+        if (keep is None and attn_bias is None) or j == 0:
+            p = s.softmax(dim=-1)  # (b, h, i, j)
+        else:
+            # A row with no key (every score -inf) has no softmax: it is given zeros, not NaN.
+            # Filling it with 0 before the softmax and zeros after keeps its gradient zero too,
+            # and keeps what autograd saves to the softmax's output, as for the unmasked path.
+            empty = torch.isneginf(s.detach().amax(dim=-1, keepdim=True))  # (b, h, i, 1)
+            p = s.masked_fill(empty, 0.0).softmax(dim=-1).masked_fill(empty, 0.0)  # (b, h, i, j)
         p = F.dropout(p, self._dropout_p(), training=self.training)
         o = torch.einsum("b h i j, b h j d -> b h i d", p, v)  # (b, h, i, d_v)
         return o.to(q.dtype)
