@@ -1,82 +1,104 @@
 """Times FlashAttention's flash path against the best direct call of SDPA, on a GPU.
 
-For each problem (no mask, square causal, decoding with a KV cache, key
-padding, ALiBi bias, grouped-query attention; bf16; d = 64 and 128) it
-checks the module against a float32 reference, then reports TFLOP/s of the
-module's flash path, of ``F.scaled_dot_product_attention`` called directly
-with the best inputs for the same problem, and of the einsum path; the
-ratio module / direct, timed eagerly and, for the forward, also replayed as
-a CUDA graph (GPU time without the host's launch time, which is what bounds
-the small decoding steps in eager mode); peak memory; and the attention
-kernels that ran, read off ``torch.profiler``.
+For each problem (no mask, square causal, key padding, ALiBi bias,
+grouped-query attention, causal GQA, decoding with a KV cache; bf16; d = 64
+and 128) it measures the error of every provider in units of the output's
+last place against a float64 reference (``accuracy.py``: o, and dq, dk, dv
+when the problem has a backward), then reports, forward and forward +
+backward: TFLOP/s of the module's flash path (``module``), of
+``F.scaled_dot_product_attention`` called directly with the best inputs for
+the same problem (``direct``: SDPA's own choice of kernel, ``sdpa_default``,
+cuDNN's on the H200) and of the einsum path; the ratio module / direct, timed
+eagerly and replayed as a CUDA graph (GPU time without the host's launch
+time, which is what bounds the small decoding steps in eager mode); peak
+memory; and the attention kernels that ran, read off ``torch.profiler``.
 
-    python benchmarks/bench_module.py --out benchmarks/results/module-h200.json
+With a mask the module always zeroes the rows that have no key to attend, on
+the GPU (one extra pass over the output); the key padding problem measures
+that cost against the direct call with the same mask. ``--host-blocking``
+also measures whether one masked call makes the host wait for the GPU.
+
+    python benchmarks/bench_module.py --host-blocking --out benchmarks/results/module-h200.json
+    python benchmarks/bench_module.py --quick --host-blocking --out /tmp/module-quick.json   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
-import platform
+import math
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-import triton
+from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
-from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench, do_bench_cudagraph
 
+from accuracy import P99_LIMIT, chunked_reference, format_report, over_limit, part, run_with_grads, ulp_report
 from flashattn import FlashAttention, alibi_bias, padding_mask
+from runinfo import attention_kernels, run_info
 
+DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048  # per batch, as the anchors in the GPU runner's README
-ATTENTION_KERNEL_WORDS = ("fmha", "flash", "cudnn", "attention", "sdpa", "softmax")
+N = 4096  # length of the prefill problems
+DECODE_B, DECODE_I, DECODE_J = 8, (1, 16, 128), (4096, 16384)
+PROVIDERS = ("module", "direct", "einsum")
+QUICK = dict(n=1024, d=(64,), decode_i=(1, 16), decode_j=(4096,), rounds=1)
+
+AttentionFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass
 class Problem:
     name: str
     d: int
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
+    q: Tensor
+    k: Tensor
+    v: Tensor
     pairs: int  # (query, key) pairs attended, summed over batch and heads
     module: FlashAttention
     module_kwargs: dict = field(default_factory=dict)
     direct_kwargs: dict = field(default_factory=dict)
     backward: bool = True
 
-    def module_call(self, flash: bool = True) -> torch.Tensor:
-        if flash:
-            return self.module(self.q, self.k, self.v, **self.module_kwargs)
-        return self.module.einsum_attn(self.q, self.k, self.v, **self.module_kwargs)
+    def fn(self, provider: str) -> AttentionFn:
+        """``fn(q, k, v) -> o`` of one provider, with this problem's mask, bias and flags bound."""
+        if provider == "module":
+            return functools.partial(self.module, **self.module_kwargs)
+        if provider == "direct":
+            return functools.partial(F.scaled_dot_product_attention, **self.direct_kwargs)
+        return functools.partial(self.module.einsum_attn, **self.module_kwargs)
 
-    def direct_call(self) -> torch.Tensor:
-        return F.scaled_dot_product_attention(self.q, self.k, self.v, **self.direct_kwargs)
+    def reference(self, q: Tensor, k: Tensor, v: Tensor, batch: slice, heads: slice) -> Tensor:
+        """The einsum path in float64 on one part of the problem: the reference of ``accuracy.chunked_reference``."""
+        kwargs = {key: part(t, batch, heads) for key, t in self.module_kwargs.items()}
+        kwargs = {key: t.double() if t.is_floating_point() else t for key, t in kwargs.items()}
+        return self.module.einsum_attn(q, k, v, **kwargs)
 
 
-def problems(d: int, device: torch.device) -> list[Problem]:
+def problems(d: int, n: int, decode_i: tuple[int, ...], decode_j: tuple[int, ...]) -> list[Problem]:
     dtype = torch.bfloat16
     h = WIDTH // d
 
     def randn(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype).requires_grad_()
+        return torch.randn(*shape, device=DEVICE, dtype=dtype).requires_grad_()
 
     out = []
-    n = 4096
     b = TOKENS // n
     q, k, v = randn(b, h, n, d), randn(b, h, n, d), randn(b, h, n, d)
     out.append(Problem("no mask", d, q, k, v, b * h * n * n, FlashAttention()))
     out.append(Problem("causal", d, q, k, v, b * h * n * (n + 1) // 2, FlashAttention(causal=True),
                        direct_kwargs=dict(is_causal=True)))
-    lengths = torch.randint(n // 2, n + 1, (b,), device=device)
+    lengths = torch.randint(n // 2, n + 1, (b,), device=DEVICE)
     keep = padding_mask(lengths, n)  # (b, 1, 1, n)
     out.append(Problem("key padding", d, q, k, v, int(lengths.sum()) * h * n, FlashAttention(),
                        module_kwargs=dict(mask=keep), direct_kwargs=dict(attn_mask=keep)))
-    bias = alibi_bias(h, n, n, device).to(dtype)  # (h, n, n), as a model would hold it
+    bias = alibi_bias(h, n, n, DEVICE).to(dtype)  # (h, n, n), as a model would hold it
     out.append(Problem("alibi bias", d, q, k, v, b * h * n * n, FlashAttention(),
                        module_kwargs=dict(attn_bias=bias), direct_kwargs=dict(attn_mask=bias[None].contiguous())))
     h_kv = h // 4
@@ -84,33 +106,31 @@ def problems(d: int, device: torch.device) -> list[Problem]:
     out.append(Problem("gqa", d, q, kg, vg, b * h * n * n, FlashAttention(), direct_kwargs=dict(enable_gqa=True)))
     out.append(Problem("gqa causal", d, q, kg, vg, b * h * n * (n + 1) // 2, FlashAttention(causal=True),
                        direct_kwargs=dict(enable_gqa=True, is_causal=True)))
-    for j in (4096, 16384):
-        for i in (1, 16, 128):
-            b = 8
-            qd, kd, vd = randn(b, h, i, d), randn(b, h_kv, j, d), randn(b, h_kv, j, d)
+    for j in decode_j:
+        for i in decode_i:
+            qd, kd, vd = randn(DECODE_B, h, i, d), randn(DECODE_B, h_kv, j, d), randn(DECODE_B, h_kv, j, d)
             best = dict(enable_gqa=True) if i == 1 else dict(enable_gqa=True, attn_mask=causal_lower_right(i, j))
-            out.append(Problem(f"decode i={i} j={j}", d, qd, kd, vd, b * h * (i * j - i * (i - 1) // 2),
+            out.append(Problem(f"decode i={i} j={j}", d, qd, kd, vd, DECODE_B * h * (i * j - i * (i - 1) // 2),
                                FlashAttention(causal=True), direct_kwargs=best, backward=False))
     return out
 
 
-def with_backward(fn: Callable[[], torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+def with_backward(fn: Callable[[], Tensor], grad: Tensor) -> Callable[[], None]:
     def step():
         fn().backward(grad)
     return step
 
 
-def median_ms(fn: Callable, rounds: int = 3) -> float:
+def median_ms(fn: Callable, rounds: int) -> float:
     return statistics.median(do_bench(fn, return_mode="median") for _ in range(rounds))
 
 
-def kernels(fn: Callable) -> list[str]:
-    """Names of the attention kernels (and softmax kernels, the sign of the math path) that ran."""
-    with profile(activities=[ProfilerActivity.CUDA], acc_events=True) as prof:
-        fn()
-        torch.cuda.synchronize()
-    names = {e.name for e in prof.events() if e.device_type.name == "CUDA"}
-    return sorted(n[:80] for n in names if any(w in n.lower() for w in ATTENTION_KERNEL_WORDS))
+def graph_ms(fn: Callable, rounds: int) -> tuple[float | None, str | None]:
+    """GPU time of ``fn`` replayed as a CUDA graph (median of ``rounds``), or None and why the capture failed."""
+    try:
+        return statistics.median(do_bench_cudagraph(fn, return_mode="median") for _ in range(rounds)), None
+    except Exception as error:  # recorded: one provider that cannot be captured should not end the run
+        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
 def peak_mib(fn: Callable) -> float:
@@ -122,84 +142,205 @@ def peak_mib(fn: Callable) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def check(p: Problem) -> float:
-    """Largest error of the module (bf16) against the einsum path in float32, over the output."""
-    with torch.no_grad():
-        got = p.module_call().float()
-        ref_inputs = {n: getattr(p, n).float() for n in "qkv"}
-        kwargs = {key: (t.float() if t.is_floating_point() else t) for key, t in p.module_kwargs.items()}
-        ref = p.module.einsum_attn(ref_inputs["q"], ref_inputs["k"], ref_inputs["v"], **kwargs)
-        return (got - ref).abs().max().item()
+def ulp_errors(p: Problem, providers: list[str], grad: Tensor | None) -> dict[str, dict]:
+    """Each provider's error in ulps (o, and dq, dk, dv with ``grad``) against the float64 einsum path."""
+    ref = chunked_reference(p.reference, p.q, p.k, p.v, grad)
+    out = {prov: ulp_report(run_with_grads(p.fn(prov), p.q, p.k, p.v, grad), ref) for prov in providers}
+    del ref
+    torch.cuda.empty_cache()
+    return out
+
+
+def host_blocking(b: int = 4, h: int = 16, n: int = 4096, d: int = 128, repeats: int = 10, matmuls: int = 10,
+                  size: int = 8192) -> dict:
+    """Host time of one masked call, with the GPU idle and with ``matmuls`` large matmuls queued ahead of it.
+
+    Key padding, (b, h, n, d), bf16, no gradient. Each repeat synchronizes,
+    queues the matmuls ``size`` x ``size`` (or not), and times only the call
+    with ``time.perf_counter`` (no synchronize inside). A call that waits for
+    the GPU takes about the queue's GPU time (``queue_ms``) when the GPU is
+    busy; one that does not takes the same time either way.
+    """
+    q, k, v = (torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
+    keep = padding_mask(torch.randint(n // 2, n + 1, (b,), device=DEVICE), n)
+    module = FlashAttention()
+    calls = {
+        "module": lambda: module(q, k, v, mask=keep),
+        "direct": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
+    }
+    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
+    c = torch.empty_like(a)
+
+    def queue() -> None:
+        for _ in range(matmuls):
+            torch.mm(a, a, out=c)
+
+    for fn in (*calls.values(), queue):  # warm up: kernels chosen and loaded, memory cached
+        for _ in range(3):
+            fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    queue()
+    end.record()
+    torch.cuda.synchronize()
+    result: dict = dict(b=b, h=h, n=n, d=d, dtype="bfloat16", mask="key padding (b, 1, 1, n)", repeats=repeats,
+                        queued=f"{matmuls} x torch.mm({size}x{size} bf16)", queue_ms=start.elapsed_time(end))
+    for name, fn in calls.items():
+        for busy in (False, True):
+            times = []
+            for _ in range(repeats):
+                torch.cuda.synchronize()
+                if busy:
+                    queue()
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+            result[f"{name}_{'busy' if busy else 'idle'}_us"] = statistics.median(times) * 1e6
+        # waiting for the GPU would cost about the queue's time; not waiting, the same as idle
+        result[f"{name}_waits_for_gpu"] = (
+            result[f"{name}_busy_us"] - result[f"{name}_idle_us"] > 0.5 * result["queue_ms"] * 1e3)
+    return result
+
+
+def ratio_range(values: list[float]) -> str:
+    return f"{min(values):.3f} to {max(values):.3f}" if values else "-"
+
+
+def summary(rows: list[dict], blocking: dict | None) -> list[str]:
+    """The headline: module / direct (SDPA's own choice of kernel, sdpa_default) per mode, eager and graph."""
+    direct_kernels = sorted({k for r in rows for k in r.get("direct_kernels", [])})
+    lines = ["direct = F.scaled_dot_product_attention with SDPA's own choice of kernel (sdpa_default); "
+             f"it ran: {', '.join(direct_kernels)}",
+             "speed of the module's flash path relative to the direct call (direct time / module time):"] if rows else []
+    for mode in ("fwd", "fwd_bwd"):
+        for kind, pick in (("prefill", lambda r: not r["case"].startswith("decode")),
+                           ("decode", lambda r: r["case"].startswith("decode"))):
+            chosen = [r for r in rows if r["mode"] == mode and pick(r)]
+            if chosen:
+                graph = [r["graph_ratio_module_vs_direct"] for r in chosen if r.get("graph_ratio_module_vs_direct")]
+                lines.append(f"  {mode:7s} {kind:7s} eager {ratio_range([r['ratio_module_vs_direct'] for r in chosen])}"
+                             f", CUDA graph {ratio_range(graph)}  ({len(chosen)} rows)")
+    for r in rows:
+        if r["case"] == "key padding":
+            graph = r.get("graph_ratio_module_vs_direct")
+            graph = f"{graph:.3f}" if graph else f"failed ({r.get('module_graph_error') or r.get('direct_graph_error')})"
+            lines.append(f"  key padding d={r['d']} {r['mode']:7s}: eager {r['ratio_module_vs_direct']:.3f}, "
+                         f"CUDA graph {graph}")
+    einsum = [r["module_ms"] / r["einsum_ms"] for r in rows if "einsum_ms" in r]
+    if einsum:
+        lines.append(f"einsum path: {100 * min(einsum):.1f}% to {100 * max(einsum):.1f}% of the flash path's speed")
+    for prov in PROVIDERS:
+        worst: dict[str, float] = {}
+        for r in rows:
+            for name, s in r.get(f"{prov}_ulp", {}).items():
+                e = worst.get(name, 0.0)
+                worst[name] = math.nan if math.isnan(s["p99"]) or math.isnan(e) else max(e, s["p99"])
+        if worst:
+            lines.append(f"largest p99 error of {prov} over the rows, in ulps: "
+                         + " ".join(f"{name} {e:g}" for name, e in worst.items()))
+    if blocking:
+        lines.append(f"host time of one masked call (median of {blocking['repeats']}), GPU idle / behind "
+                     f"{blocking['queue_ms']:.1f} ms of queued matmuls: "
+                     + "; ".join(f"{name} {blocking[f'{name}_idle_us']:.0f} / {blocking[f'{name}_busy_us']:.0f} µs"
+                                 f" ({'waits' if blocking[f'{name}_waits_for_gpu'] else 'does not wait'})"
+                                 for name in ("module", "direct")))
+    return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"smoke test: n = {QUICK['n']}, d = 64, decoding at j = 4096 with i = 1, 16, one round")
+    parser.add_argument("--d", type=int, nargs="+", help="head dimensions (default: 64 128; with --quick 64)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME",
+                        help="only the problems whose name contains one of these (e.g. 'key padding' decode)")
     parser.add_argument("--no-einsum", action="store_true", help="skip the einsum path (slow, large)")
+    parser.add_argument("--host-blocking", action="store_true",
+                        help="also time the host side of one masked call with the GPU idle and busy")
+    parser.add_argument("--only-host-blocking", action="store_true", help="the host-blocking measurement alone")
     args = parser.parse_args()
-    device = torch.device("cuda")
+    n = QUICK["n"] if args.quick else N
+    dims = args.d or (QUICK["d"] if args.quick else (64, 128))
+    decode_i = QUICK["decode_i"] if args.quick else DECODE_I
+    decode_j = QUICK["decode_j"] if args.quick else DECODE_J
+    rounds = QUICK["rounds"] if args.quick else 3
+    providers = [p for p in PROVIDERS if not (args.no_einsum and p == "einsum")]
     torch.manual_seed(0)
-    rows = []
-    for d in (64, 128):
-        for p in problems(d, device):
-            err = check(p)
-            # bf16 rounding of q, k, v and the output: a few units of 2^-8 on unit-scale outputs
-            assert err < 3e-2, f"{p.name} d={d}: max |module - float32 reference| = {err:.3g}"
-            modes = ["fwd", "fwd_bwd"] if p.backward else ["fwd"]
-            for mode in modes:
-                grad = torch.randn_like(p.module_call())
-                calls = {
-                    "module": lambda: p.module_call(),
-                    "direct": p.direct_call,
-                    "einsum": lambda: p.module_call(flash=False),
-                }
-                if args.no_einsum:
-                    del calls["einsum"]
+
+    rows, failures = [], []
+    meta = dict(
+        **run_info(tokens_per_batch=TOKENS, width=WIDTH, n=n, d=list(dims), decode_b=DECODE_B,
+                   decode_i=list(decode_i), decode_j=list(decode_j), quick=args.quick, cases=args.cases),
+        dtype="bfloat16",
+        flops="4*pairs*d forward, 3.5x for forward+backward; pairs = attended (query, key) pairs",
+        timing=f"triton.testing.do_bench median, median of {rounds} round(s); graph: do_bench_cudagraph, likewise",
+        direct="F.scaled_dot_product_attention with SDPA's own choice of kernel (sdpa_default)",
+        accuracy=("error in ulps of bf16 against the float64 einsum path rounded to bf16, per element at "
+                  "max(|ref|, row RMS, tensor RMS / 16) (benchmarks/accuracy.py): max, p99, mean; "
+                  f"flagged above a p99 of {P99_LIMIT}"),
+    )
+
+    def write(blocking: dict | None = None, complete: bool = False) -> None:
+        """The results so far (after every problem, so that a run cut short keeps what it measured)."""
+        with open(args.out, "w") as f:
+            json.dump(dict(**meta, complete=complete, rows=rows, host_blocking=blocking,
+                           accuracy_failures=failures), f, indent=1)
+
+    for d in ([] if args.only_host_blocking else dims):
+        for p in problems(d, n, decode_i, decode_j):
+            if args.cases and not any(c in p.name for c in args.cases):
+                continue
+            grad = torch.randn_like(p.fn("module")(p.q, p.k, p.v)) if p.backward else None
+            errors = ulp_errors(p, providers, grad)
+            for prov, report in errors.items():
+                flagged = over_limit(report)
+                if flagged and prov != "direct":
+                    failures.append(f"{p.name} d={d} {prov}: p99 above {P99_LIMIT} ulp in {flagged}")
+                print(f"{p.name:22s} d={d:3d} ulp max/p99/mean {prov:7s} {format_report(report)}"
+                      + (f"   <-- above {P99_LIMIT}" if flagged else ""), flush=True)
+            for mode in (["fwd", "fwd_bwd"] if p.backward else ["fwd"]):
+                calls = {prov: functools.partial(p.fn(prov), p.q, p.k, p.v) for prov in providers}
                 if mode == "fwd_bwd":
-                    calls = {k: with_backward(f, grad) for k, f in calls.items()}
+                    calls = {prov: with_backward(f, grad) for prov, f in calls.items()}
                 flops = 4 * p.pairs * d * (3.5 if mode == "fwd_bwd" else 1.0)
                 row = dict(case=p.name, d=d, mode=mode, b=p.q.shape[0], h=p.q.shape[1], h_kv=p.k.shape[1],
-                           i=p.q.shape[2], j=p.k.shape[2], max_abs_err_vs_fp32=err)
+                           i=p.q.shape[2], j=p.k.shape[2], pairs=p.pairs)
                 for prov, fn in calls.items():
-                    ms = median_ms(fn)
+                    ms = median_ms(fn, rounds)
                     row[f"{prov}_ms"] = ms
                     row[f"{prov}_tflops"] = flops / ms / 1e9
                     row[f"{prov}_peak_mib"] = peak_mib(fn)
+                    # forward: the output's error; forward + backward: the gradients' too
+                    report = errors[prov]
+                    row[f"{prov}_ulp"] = {"o": report["o"]} if mode == "fwd" else report
                     if prov != "einsum":
-                        row[f"{prov}_kernels"] = kernels(fn)
-                        if mode == "fwd":
-                            # replayed as a CUDA graph: GPU time alone, without the host's
-                            # time to launch, which bounds the small decoding steps in eager mode
-                            row[f"{prov}_graph_ms"] = statistics.median(
-                                do_bench_cudagraph(fn, return_mode="median") for _ in range(3))
+                        row[f"{prov}_kernels"] = attention_kernels(fn)
+                        # replayed as a CUDA graph: GPU time alone, without the host's time to launch,
+                        # which bounds the small decoding steps in eager mode
+                        row[f"{prov}_graph_ms"], error = graph_ms(fn, rounds)
+                        if error:
+                            row[f"{prov}_graph_error"] = error
                 row["ratio_module_vs_direct"] = row["direct_ms"] / row["module_ms"]
-                if mode == "fwd":
+                if row["module_graph_ms"] and row["direct_graph_ms"]:
                     row["graph_ratio_module_vs_direct"] = row["direct_graph_ms"] / row["module_graph_ms"]
                 rows.append(row)
-                graph = f"graph ratio {row['graph_ratio_module_vs_direct']:.3f}" if mode == "fwd" else ""
+                graph = row.get("graph_ratio_module_vs_direct")
                 print(f"{p.name:22s} d={d:3d} {mode:7s} module {row['module_tflops']:7.1f} TFLOP/s  "
-                      f"direct {row['direct_tflops']:7.1f}  ratio {row['ratio_module_vs_direct']:.3f} {graph}  "
+                      f"direct {row['direct_tflops']:7.1f}  ratio {row['ratio_module_vs_direct']:.3f}  "
+                      f"graph ratio {f'{graph:.3f}' if graph else '-'}  "
                       f"peak MiB {row['module_peak_mib']:8.1f} / {row['direct_peak_mib']:8.1f}  "
                       f"kernels {row['module_kernels']} | direct {row['direct_kernels']}", flush=True)
-            del p
             torch.cuda.empty_cache()
-    result = dict(
-        device=torch.cuda.get_device_name(),
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version(),
-        python=platform.python_version(),
-        date=datetime.date.today().isoformat(),
-        dtype="bfloat16",
-        tokens_per_batch=TOKENS,
-        width=WIDTH,
-        flops="4*pairs*d forward, 3.5x for forward+backward; pairs = attended (query, key) pairs",
-        timing="triton.testing.do_bench median, median of 3 rounds; graph: do_bench_cudagraph, likewise",
-        rows=rows,
-    )
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+            write()
+
+    blocking = host_blocking() if (args.host_blocking or args.only_host_blocking) else None
+    write(blocking, complete=True)
+    print("\n" + "\n".join(summary(rows, blocking)))
+    if failures:
+        raise SystemExit("accuracy above the limit:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":

@@ -1,24 +1,29 @@
-"""Times triton_attention against PyTorch's FlashAttention-2 and cuDNN kernels and compiled FlexAttention.
+"""Times triton_attention against PyTorch's SDPA kernels (its own choice, FlashAttention-2, cuDNN) and compiled FlexAttention.
 
 The grid of the GPU runner's anchors: bf16, 16k tokens per batch
 (b = 16384 // n), model width 2048 (h = 2048 // d), d = 64 and 128, causal
 and not, n from 1k to 16k; forward, and forward plus backward. Providers:
-``triton`` (this package), ``sdpa_flash`` and ``sdpa_cudnn`` (PyTorch's
-``scaled_dot_product_attention`` held to one backend) and ``flex``
-(``torch.compile(flex_attention)``, with a causal block mask when causal).
+``triton`` (this package), ``sdpa_default`` (PyTorch's
+``scaled_dot_product_attention`` choosing its kernel itself: cuDNN's on the
+H200), ``sdpa_flash`` and ``sdpa_cudnn`` (SDPA held to one backend) and
+``flex`` (``torch.compile(flex_attention)``, with a causal block mask when
+causal).
 
-It first checks every provider on fresh random data at n = 1k against a
-float32 reference (``triton`` must stay within twice the error of
-``sdpa_flash``), then times each with ``triton.testing.do_bench`` (median),
-prints TFLOP/s and the ratios to ``sdpa_flash`` and ``flex``, and writes
-JSON. FLOPs: ``4 b h n^2 d`` for the forward, half when causal, 3.5 times
-that for forward plus backward (the anchors' convention).
+At every point it first measures each provider's error in units of the
+output's last place, o, dq, dk and dv, against a float64 reference from the
+same bf16 inputs (``accuracy.py``), then times each with
+``triton.testing.do_bench`` (median), prints TFLOP/s and the ratios, and
+writes JSON: every row holds a provider's time and its error. FLOPs:
+``4 b h n^2 d`` for the forward, half when causal, 3.5 times that for
+forward plus backward (the anchors' convention). It ends with the headline:
+triton_attention against sdpa_default and against sdpa_flash.
 
 Compiling FlexAttention for every shape, and the Triton kernels, takes
 minutes; ``--jobs N`` does it first in N processes, into the on-disk caches
 that the timing then reads.
 
     python benchmarks/bench_triton.py --jobs 12 --out benchmarks/results/triton-h200.json
+    python benchmarks/bench_triton.py --quick --out /tmp/triton-quick.json   # smoke test, without flex
 """
 
 from __future__ import annotations
@@ -30,29 +35,38 @@ import os
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
 
 import argparse  # noqa: E402
-import datetime  # noqa: E402
-import itertools  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
+from accuracy import (  # noqa: E402
+    P99_LIMIT,
+    chunked_reference,
+    format_report,
+    over_limit,
+    plain_attention,
+    run_with_grads,
+    ulp_report,
+)
 from flashattn import triton_attention  # noqa: E402
-from flashattn.triton_attention import _TABLE, KernelConfigs, TileConfig, table_key  # noqa: E402
+from flashattn.triton.launch import _TABLE, KernelConfigs, TileConfig, table_key  # noqa: E402
+from plot_triton import backend_name, headline, speed_ratios  # noqa: E402
+from runinfo import attention_kernels, run_info  # noqa: E402
 
+DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
-PROVIDERS = ("triton", "sdpa_flash", "sdpa_cudnn", "flex")
+PROVIDERS = ("triton", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "fwd_bwd")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+QUICK = dict(n=[1024], d=[64], rep=20)
 
 # one compile per shape, as a model of fixed sizes would get; the grid has more shapes than the default limit
 for _limit in ("recompile_limit", "cache_size_limit"):
@@ -74,16 +88,20 @@ def use_table(path: str | None) -> None:
 
 
 def causal_block_mask(n: int):
-    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device="cuda")
+    return create_block_mask(lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, n, n, device=DEVICE)
 
 
 def attention(provider: str, causal: bool, n: int) -> Callable[..., torch.Tensor]:
     """``fn(q, k, v) -> o`` for one provider; square problems only (i = j = n)."""
     if provider == "triton":
         return lambda q, k, v: triton_attention(q, k, v, causal=causal)
+    if provider == "sdpa_default":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if provider in BACKENDS:
+        backend = BACKENDS[provider]
+
         def sdpa(q, k, v):
-            with sdpa_kernel([BACKENDS[provider]]):
+            with sdpa_kernel([backend]):
                 return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return sdpa
     block_mask = causal_block_mask(n) if causal else None
@@ -92,9 +110,9 @@ def attention(provider: str, causal: bool, n: int) -> Callable[..., torch.Tensor
 
 def inputs(n: int, d: int, grad: bool, seed: int = 0) -> tuple[torch.Tensor, ...]:
     """Fresh bf16 q, k, v (b = TOKENS // n, h = WIDTH // d) and an output gradient."""
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     shape = (TOKENS // n, WIDTH // d, n, d)
-    q, k, v, do = (torch.randn(shape, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+    q, k, v, do = (torch.randn(shape, generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
     return q.requires_grad_(grad), k.requires_grad_(grad), v.requires_grad_(grad), do
 
 
@@ -120,19 +138,21 @@ def warm_task(task: tuple) -> tuple[tuple, str | None]:
         return task, f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
 
 
-def errors_vs_float32(provider: str, d: int, causal: bool, n: int) -> dict[str, float]:
-    """max |x - ref| / max |ref| of o, dq, dk, dv against PyTorch's math kernel in float32."""
+def ulp_errors(providers: list[str], d: int, causal: bool, n: int) -> tuple[dict[str, dict], list[str]]:
+    """Each provider's error in ulps (o, dq, dk, dv) against float64, on fresh inputs; and sdpa_default's kernels."""
     q, k, v, do = inputs(n, d, grad=True, seed=1)
-    o = attention(provider, causal, n)(q, k, v)
-    o.backward(do)
-    got = (o, q.grad, k.grad, v.grad)
-    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    with sdpa_kernel([SDPBackend.MATH]):
-        ref = F.scaled_dot_product_attention(q32, k32, v32, is_causal=causal)
-    ref.backward(do.float())
-    refs = (ref, q32.grad, k32.grad, v32.grad)
-    return {name: ((x.float() - r).abs().max() / r.abs().max()).item()
-            for name, x, r in zip(("o", "dq", "dk", "dv"), got, refs)}
+
+    def fn64(q, k, v, batch, heads):
+        return plain_attention(q, k, v, causal=causal)
+
+    ref = chunked_reference(fn64, q, k, v, do)
+    errors = {p: ulp_report(run_with_grads(attention(p, causal, n), q, k, v, do), ref) for p in providers}
+    default_kernels = []
+    if "sdpa_default" in providers:
+        default_kernels = attention_kernels(step(attention("sdpa_default", causal, n), q, k, v, do, "fwd_bwd"))
+    del q, k, v, do, ref
+    torch.cuda.empty_cache()
+    return errors, default_kernels
 
 
 def tflops(n: int, d: int, causal: bool, mode: str, ms: float) -> float:
@@ -140,27 +160,57 @@ def tflops(n: int, d: int, causal: bool, mode: str, ms: float) -> float:
     return flops / ms / 1e9
 
 
+def summary(rows: list[dict], providers: list[str]) -> list[str]:
+    """The headline (against sdpa_default and sdpa_flash), then against every other provider, and the errors."""
+    lines = headline(rows).splitlines()
+    for baseline in providers:
+        if baseline in ("triton", "sdpa_default", "sdpa_flash"):
+            continue
+        for mode in MODES:
+            ratios = speed_ratios(rows, mode, baseline)
+            if ratios:
+                lines.append(f"triton_attention against {baseline}, {mode}: {min(ratios):.2f}-{max(ratios):.2f}x"
+                             f" as fast, ahead at {sum(r > 1 for r in ratios)} of {len(ratios)} points")
+    for provider in providers:
+        p99 = {}
+        for r in rows:
+            if r["provider"] == provider:
+                for name, s in r.get("ulp", {}).items():
+                    p99[name] = max(p99.get(name, 0.0), s["p99"])
+        lines.append(f"largest p99 error of {provider:12s} in ulps: " + " ".join(f"{k} {e:g}" for k, e in p99.items()))
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="where to write the JSON results")
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
-    parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
-    parser.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: n = 1024, d = 64, without flex unless --providers names it, rep 20 ms")
+    parser.add_argument("--n", type=int, nargs="+", help="lengths (default: 1024 2048 4096 8192 16384)")
+    parser.add_argument("--d", type=int, nargs="+", help="head dimensions (default: 64 128)")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
+                        help=f"default: all ({' '.join(PROVIDERS)}); with --quick all but flex")
     parser.add_argument("--table", help="a tune_triton.py JSON whose proposal replaces this GPU's table rows")
     parser.add_argument("--jobs", type=int, default=0, help="processes that compile everything first")
     parser.add_argument("--warm-only", action="store_true", help="compile (with --jobs) and stop")
-    parser.add_argument("--rep", type=int, default=100, help="milliseconds of timing per measurement")
+    parser.add_argument("--rep", type=int, help="milliseconds of timing per measurement (default: 100)")
     args = parser.parse_args()
+    # --quick changes the defaults; what is given explicitly stays
+    defaults = QUICK if args.quick else dict(n=[1024, 2048, 4096, 8192, 16384], d=[64, 128], rep=100)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    providers = args.providers or [p for p in PROVIDERS if not (args.quick and p == "flex")]
     use_table(args.table)
     grid = [(d, causal, n) for d in args.d for causal in (False, True) for n in args.n]
 
     if args.jobs:
         # FlexAttention compiles per shape; the Triton kernels once per head dimension and mask
         tasks = [("flex", d, causal, n, mode, args.table) for d, causal, n in grid for mode in MODES
-                 if "flex" in args.providers]
+                 if "flex" in providers]
         # (at the shortest and the longest length: the table has rows for short and for long sequences)
         tasks += [("triton", d, causal, n, "fwd_bwd", args.table) for d in args.d for causal in (False, True)
-                  for n in sorted({args.n[0], args.n[-1]}) if "triton" in args.providers]
+                  for n in sorted({args.n[0], args.n[-1]}) if "triton" in providers]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for task, error in pool.map(warm_task, sorted(tasks, key=lambda t: -t[3])):
                 if error:
@@ -168,30 +218,54 @@ def main() -> None:
     if args.warm_only:
         return
 
-    checks = []
-    # the shortest length, and one that takes the table's rows for long sequences (within memory
-    # for the float32 reference)
-    for n, d, causal in itertools.product(sorted({args.n[0], min(max(args.n), 4096)}), args.d, (False, True)):
-        errs = {p: errors_vs_float32(p, d, causal, n) for p in args.providers}
-        checks.append(dict(d=d, causal=causal, n=n, errors=errs))
-        print(f"check d={d} causal={causal} n={n}: " + "; ".join(
-            f"{p} " + " ".join(f"{k} {e:.2e}" for k, e in errs[p].items()) for p in errs), flush=True)
-        if "triton" in errs and "sdpa_flash" in errs:
-            checks[-1]["triton_within_twice_sdpa_flash"] = all(
-                e <= 2 * errs["sdpa_flash"][name] for name, e in errs["triton"].items())
+    rows, failures, default_kernels = [], [], set()
+    meta = dict(
+        **run_info(tokens=TOKENS, width=WIDTH, n=args.n, d=args.d, b="tokens // n", h="width // d",
+                   quick=args.quick, rep_ms=args.rep),
+        dtype="bfloat16", providers=providers,
+        flops="fwd 4*b*h*n*n*d (half if causal); fwd_bwd 3.5x fwd",
+        timing="triton.testing.do_bench, median",
+        accuracy=("error in ulps of bf16 against a float64 reference from the same bf16 inputs, rounded to bf16, "
+                  "per element at max(|ref|, row RMS, tensor RMS / 16) (benchmarks/accuracy.py): max, p99, mean; "
+                  f"o in fwd rows, o, dq, dk, dv in fwd_bwd rows (measured once per point, seed 1); "
+                  f"triton flagged above a p99 of {P99_LIMIT}"),
+    )
+    keys = sorted({table_key(DEVICE, d, n, n) for d, _, n in grid})
+    table = {"/".join(map(str, key)): {kernel: list(vars(getattr(_TABLE[key], kernel)).values())
+                                       for kernel in ("fwd", "dkdv", "dq")} for key in keys}
 
-    rows = []
+    def write(complete: bool = False) -> None:
+        """The results so far (after every point, so that a run cut short keeps what it measured)."""
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(**meta, sdpa_default_kernels=sorted(default_kernels),
+                               sdpa_default_backend=backend_name(sorted(default_kernels)), triton_table=table,
+                               complete=complete, rows=rows, accuracy_failures=failures), f, indent=1)
+
     start = time.perf_counter()
     for d, causal, n in grid:
+        errors, kernels = ulp_errors(providers, d, causal, n)
+        default_kernels.update(kernels)
+        for provider, report in errors.items():
+            flagged = over_limit(report)
+            if flagged and provider == "triton":
+                failures.append(f"d={d} causal={causal} n={n}: triton's p99 above {P99_LIMIT} ulp in {flagged}")
+            print(f"ulp max/p99/mean d={d:3d} causal={causal!s:5s} n={n:5d} {provider:12s} {format_report(report)}"
+                  + (f"   <-- above {P99_LIMIT}" if flagged else ""), flush=True)
         for mode in MODES:
             q, k, v, do = inputs(n, d, grad=mode == "fwd_bwd", seed=2)
-            for provider in args.providers:
+            for provider in providers:
                 fn = step(attention(provider, causal, n), q, k, v, do, mode)
                 fn()  # compiles, or reads the caches the workers filled
                 ms = do_bench(fn, rep=args.rep, return_mode="median")
+                report = errors[provider]
                 rows.append(dict(provider=provider, mode=mode, causal=causal, d=d, n=n, b=TOKENS // n,
-                                 h=WIDTH // d, ms=round(ms, 4), tflops=round(tflops(n, d, causal, mode, ms), 1)))
-            point = rows[-len(args.providers):]
+                                 h=WIDTH // d, ms=round(ms, 4), tflops=round(tflops(n, d, causal, mode, ms), 1),
+                                 # forward: the output's error; forward + backward: the gradients' too
+                                 ulp={"o": report["o"]} if mode == "fwd" else report))
+                if provider == "sdpa_default":
+                    rows[-1]["kernels"] = kernels
+            point = rows[-len(providers):]
             ms = {r["provider"]: r["ms"] for r in point}
             # same FLOPs for every provider: the ratio of speeds is the inverse ratio of times
             ratios = " ".join(f"/{p} {ms[p] / ms['triton']:.2f}" for p in ms if p != "triton" and "triton" in ms)
@@ -200,25 +274,12 @@ def main() -> None:
                   + f"  triton{ratios}  ({time.perf_counter() - start:.0f} s)", flush=True)
             del q, k, v, do
             torch.cuda.empty_cache()
+        write()
 
-    keys = sorted({table_key(torch.device("cuda"), d, n, n) for d, _, n in grid})
-    table = {"/".join(map(str, key)): {kernel: list(vars(getattr(_TABLE[key], kernel)).values())
-                                       for kernel in ("fwd", "dkdv", "dq")} for key in keys}
-    result = dict(
-        device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-        torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-        cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-        date=datetime.date.today().isoformat(), dtype="bfloat16", tokens=TOKENS, width=WIDTH,
-        flops="fwd 4*b*h*n*n*d (half if causal); fwd_bwd 3.5x fwd",
-        timing="triton.testing.do_bench, median",
-        triton_table=table, checks=checks, rows=rows,
-    )
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-    failed = [c for c in checks if not c.get("triton_within_twice_sdpa_flash", True)]
-    if failed:
-        raise SystemExit(f"triton's error exceeds twice sdpa_flash's in {failed}")
+    write(complete=True)
+    print("\n" + "\n".join(summary(rows, providers)))
+    if failures:
+        raise SystemExit("triton's error above the limit:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ kernels is checked against the current table's result and timed alone. It
 prints the fastest per problem, and per head dimension and length (short up to
 ``SHORT`` tokens, long beyond) the candidate that is slowest relative to the
 fastest by the least (geometric mean over problems): rows for ``_TABLE`` in
-``flashattn/triton_attention.py``.
+``flashattn/triton/launch.py``.
 
 Compiling every candidate takes minutes; ``--compile-only --jobs N`` compiles
 them in N processes first, into Triton's on-disk cache, which the timing run
@@ -15,33 +15,28 @@ then reads.
 
     python benchmarks/tune_triton.py --compile-only --jobs 12
     python benchmarks/tune_triton.py --out benchmarks/results/tune-h200-1k-4k-16k.json
+    python benchmarks/tune_triton.py --quick --out /tmp/tune-quick.json   # smoke test: d = 64, n = 1k, 2 candidates
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
+import functools
 import json
 import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-import triton
 from triton.testing import do_bench
 
-from flashattn.triton_attention import (
-    SHORT,
-    TileConfig,
-    _backward_dkdv,
-    _backward_dq,
-    _backward_preprocess,
-    _forward,
-    pick_configs,
-)
+from flashattn.triton.attention import _backward_dkdv, _backward_dq, _backward_preprocess, _forward
+from flashattn.triton.launch import SHORT, TileConfig, pick_configs
+from runinfo import run_info
 
 TOKENS, WIDTH = 16384, 2048
 KERNELS = ("fwd", "dkdv", "dq")
+QUICK = dict(d=[64], n=[1024], candidates=2, rep=10)
 
 # (block_q, block_k, num_warps, num_stages). Chosen so that ptxas reports no (or little) register
 # spilling and the shared memory fits Hopper's 227 KiB; the first of each list is a safe default.
@@ -92,9 +87,14 @@ class Problem:
         return (_backward_dq(*args),)
 
 
-def tasks(dims: list[int]) -> list[tuple[str, int, bool, tuple[int, int, int, int]]]:
+def candidates(kernel: str, d: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The candidates of one kernel and head dimension, the first ``limit`` of them when given."""
+    return CANDIDATES[kernel][d][:limit]
+
+
+def tasks(dims: list[int], limit: int | None = None) -> list[tuple[str, int, bool, tuple[int, int, int, int]]]:
     return [(kernel, d, causal, cfg) for kernel in KERNELS for d in dims for causal in (False, True)
-            for cfg in CANDIDATES[kernel][d]]
+            for cfg in candidates(kernel, d, limit)]
 
 
 def compile_task(task: tuple[str, int, bool, tuple[int, int, int, int]]) -> tuple[tuple, str | None]:
@@ -117,17 +117,26 @@ def rel_diff(xs: tuple[torch.Tensor, ...], refs: tuple[torch.Tensor, ...]) -> fl
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="where to write the JSON results")
-    parser.add_argument("--d", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--n", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--rep", type=int, default=40, help="milliseconds of timing per candidate")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: d = 64, n = 1024, the first 2 candidates of each kernel, rep 10 ms")
+    parser.add_argument("--candidates", type=int, help="only the first N candidates of each kernel")
+    parser.add_argument("--d", type=int, nargs="+", help="head dimensions (default: 64 128 256)")
+    parser.add_argument("--n", type=int, nargs="+", help="lengths (default: 1024 4096 16384; d = 256 at 4096 only)")
+    parser.add_argument("--rep", type=int, help="milliseconds of timing per candidate (default: 40)")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--jobs", type=int, default=8, help="processes for --compile-only")
     args = parser.parse_args()
+    # --quick changes the defaults; what is given explicitly stays
+    defaults = QUICK if args.quick else dict(d=[64, 128, 256], n=[1024, 4096, 16384], candidates=None, rep=40)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    limit = args.candidates
 
     if args.compile_only:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(args.jobs, mp_context=ctx) as pool:
-            for task, error in pool.map(compile_task, tasks(args.d)):
+            for task, error in pool.map(compile_task, tasks(args.d, limit)):
                 if error:
                     print("compile failed:", task, error, flush=True)
         return
@@ -142,17 +151,17 @@ def main() -> None:
                 p = Problem(TOKENS // n, WIDTH // d, n, d, causal)
                 for kernel in KERNELS:
                     ref = p.run(kernel, getattr(p.table, kernel))
-                    for cfg in CANDIDATES[kernel][d]:
+                    for cfg in candidates(kernel, d, limit):
                         row = dict(kernel=kernel, d=d, causal=causal, n=n, config=list(cfg))
                         try:
-                            diff = rel_diff(p.run(kernel, TileConfig(*cfg)), ref)
+                            run = functools.partial(p.run, kernel, TileConfig(*cfg))
+                            diff = rel_diff(run(), ref)
                             # tiles change the order of sums only: a few bf16 roundoffs at most
                             row["rel_diff"] = round(diff, 5)
                             if diff > 2**-5:
                                 row["error"] = "result differs from the table's"
                             else:
-                                row["ms"] = do_bench(lambda: p.run(kernel, TileConfig(*cfg)), warmup=10,
-                                                     rep=args.rep, return_mode="median")
+                                row["ms"] = do_bench(run, warmup=10, rep=args.rep, return_mode="median")
                         except Exception as error:
                             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
                         rows.append(row)
@@ -179,7 +188,7 @@ def main() -> None:
             for kernel in KERNELS:
                 problems = [p for p in best if p[:2] == (kernel, d) and (p[3] <= SHORT) == (length == "short")]
                 slowdown = {}
-                for cfg in CANDIDATES[kernel][d]:
+                for cfg in candidates(kernel, d, limit):
                     ratios = [timed.get((*problem, cfg), math.inf) / best[problem][0] for problem in problems]
                     if problems and all(map(math.isfinite, ratios)):
                         slowdown[cfg] = math.exp(sum(map(math.log, ratios)) / len(ratios))
@@ -194,10 +203,9 @@ def main() -> None:
 
     if args.out:
         result = dict(
-            device=torch.cuda.get_device_name(), capability=list(torch.cuda.get_device_capability()),
-            torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda,
-            date=datetime.date.today().isoformat(), tokens=TOKENS, width=WIDTH, dtype="bfloat16",
-            rows=rows, proposal={key: {k: list(v) for k, v in c.items()} for key, c in proposal.items()},
+            **run_info(tokens=TOKENS, width=WIDTH, d=args.d, n=args.n, b="tokens // n", h="width // d",
+                       candidates_per_kernel=limit, quick=args.quick, rep_ms=args.rep),
+            dtype="bfloat16", rows=rows, proposal={key: {k: list(v) for k, v in c.items()} for key, c in proposal.items()},
         )
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
