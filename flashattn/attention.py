@@ -51,6 +51,38 @@ def _as_4d(t: Tensor) -> Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
+def _zero_rows_kernel():
+    """The in-place row zeroing of :mod:`flashattn.triton.empty_rows`, or None without triton."""
+    try:
+        from .triton.empty_rows import zero_rows_without_key_
+    except ImportError:
+        return None
+    return zero_rows_without_key_
+
+
+class _ZeroRowsWithoutKey(torch.autograd.Function):
+    """``o`` with the rows that have no key set to zero, and their gradient set to zero.
+
+    A pass of ``masked_fill`` over the whole output would cost a read and a
+    write of it; the kernel writes only the empty rows. It writes through
+    ``o.data``, out of autograd's sight, so that SDPA's backward may still
+    use the output it saved: the rows changed there are exactly the rows
+    whose incoming gradient is zeroed below, and a row with zero gradient
+    contributes nothing to any gradient, whatever its output was.
+    """
+
+    @staticmethod
+    def forward(ctx, o: Tensor, row_has_key: Tensor) -> Tensor:  # row_has_key: (b or 1, h or 1, i or 1)
+        _zero_rows_kernel()(o.data, row_has_key)
+        ctx.save_for_backward(row_has_key)
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor) -> tuple[Tensor, None]:
+        (row_has_key,) = ctx.saved_tensors
+        return do.masked_fill(~row_has_key[..., None], 0.0), None
+
+
 class FlashAttention(nn.Module):
     """Scaled dot-product attention with masks, biases, GQA and dropout.
 
@@ -187,4 +219,6 @@ class FlashAttention(nn.Module):
         keep = keep | ~row_has_key
         attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
         o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
+        if o.is_cuda and o.stride(-1) == 1 and not torch.compiler.is_compiling() and _zero_rows_kernel() is not None:
+            return _ZeroRowsWithoutKey.apply(o, _as_4d(row_has_key)[..., 0])
         return o.masked_fill(~_as_4d(row_has_key), 0.0)

@@ -9,6 +9,7 @@ to the device: every device sees the same numbers.
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,13 @@ def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
     random.seed(seed)
     torch.manual_seed(seed)  # seeds the CPU generator and every CUDA generator
     if dev.type == "cuda":
+        # The first backward pass on a GPU can warn that autograd's thread has no CUDA context
+        # yet (torch 2.11); one tiny backward here, with that warning silenced, keeps it out of
+        # every chapter's outputs.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            x = torch.ones(2, 2, device=dev, requires_grad=True)
+            (x @ x).sum().backward()
         major, _ = torch.cuda.get_device_capability(dev)
         dtype = torch.bfloat16 if major >= 8 else torch.float16
         return BookSetup(dev, torch.cuda.get_device_name(dev), dtype, _GPU_SIZES, seed)

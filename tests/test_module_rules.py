@@ -247,6 +247,8 @@ def test_nan_in_q_reaches_its_row_only_on_the_einsum_path_by_definition(flash):
         assert torch.isnan(o[0, 0, 1]).all()
 
 
+# torch 2.11 warns from inside its own compiler here; that is not the module's warning
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compiles_with_dynamic_shapes():
     """torch.compile(dynamic=True) once failed on every flash-path call: enable_gqa received a SymBool."""
     torch._dynamo.reset()  # the compiles of other tests count against this function's recompile limit

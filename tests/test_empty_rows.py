@@ -1,0 +1,56 @@
+"""The in-place zeroing of rows with no key, and the gradient through it.
+
+The kernel writes through ``o.data``, out of autograd's sight, while SDPA's
+backward still uses the output it saved: the gradients must nevertheless be
+exactly those of attention with the empty rows zeroed. On a CPU the kernel
+runs in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), on a
+GPU compiled.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from reference import reference_attention
+
+triton = pytest.importorskip("triton")
+from flashattn.attention import _ZeroRowsWithoutKey  # noqa: E402
+from flashattn.triton.empty_rows import zero_rows_without_key_  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def randn(*shape, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32).to(DEVICE)
+
+
+@pytest.mark.parametrize("flag_shape", [(2, 1, 1), (2, 3, 7), (1, 1, 7)])
+def test_only_rows_without_key_are_written(flag_shape):
+    o = randn(2, 3, 7, 24, seed=1)  # d_v = 24: not a power of two
+    flags = torch.rand(flag_shape, generator=torch.Generator().manual_seed(2)) > 0.4
+    flags = flags.to(DEVICE)
+    want = o.masked_fill(~flags[..., None], 0.0)
+    zero_rows_without_key_(o, flags)
+    assert torch.equal(o, want)
+
+
+def test_gradients_through_the_in_place_zeroing():
+    q = randn(2, 3, 7, 16, seed=3).requires_grad_()
+    k, v = randn(2, 3, 9, 16, seed=4).requires_grad_(), randn(2, 3, 9, 16, seed=5).requires_grad_()
+    keep = torch.rand(2, 1, 7, 9, generator=torch.Generator().manual_seed(6)) > 0.3
+    keep[0, 0, 2] = False  # an empty row
+    keep[1, 0, 6] = False  # and another
+    keep = keep.to(DEVICE)
+    row_has_key = keep.any(dim=-1, keepdim=True)  # (2, 1, 7, 1)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~row_has_key)
+    o = _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0])
+    do = randn(*o.shape, seed=7)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = reference_attention(q, k, v, mask=keep)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double().cpu())
+    torch.testing.assert_close(o.double().cpu(), o_ref, atol=1e-5, rtol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.double().cpu(), grad_ref.double().cpu(), atol=1e-5, rtol=1e-5)
+    assert (grads[0][0, :, 2] == 0).all() and (grads[0][1, :, 6] == 0).all()
