@@ -41,15 +41,18 @@ def source_sha256() -> str:
 def git_state() -> dict:
     """The commit checked out and whether the working tree differs from it (read-only: takes no lock).
 
-    Where the tree is a copy without ``.git``, the commit is None unless the
-    environment names it (``BENCH_GIT_COMMIT``); ``source_sha256`` is there in any case.
+    ``BENCH_GIT_COMMIT``, when set, names the commit and wins over ``git``: a
+    copy of the tree sent to a GPU machine may carry a ``.git`` that is not
+    the tree's. ``source_sha256`` identifies the code in any case.
     """
-    commit = _command("git", "rev-parse", "HEAD")
-    status = _command("git", "--no-optional-locks", "status", "--porcelain") if commit else None
-    changed = [] if status is None else [line[3:] for line in status.splitlines() if line.strip()]
-    state = dict(commit=commit, dirty=None if status is None else bool(changed), changed_files=changed[:50])
-    if commit is None and os.environ.get("BENCH_GIT_COMMIT"):
-        state.update(commit=os.environ["BENCH_GIT_COMMIT"], commit_from="BENCH_GIT_COMMIT")
+    if os.environ.get("BENCH_GIT_COMMIT"):
+        state = dict(commit=os.environ["BENCH_GIT_COMMIT"], commit_from="BENCH_GIT_COMMIT", dirty=None,
+                     changed_files=[])
+    else:
+        commit = _command("git", "rev-parse", "HEAD")
+        status = _command("git", "--no-optional-locks", "status", "--porcelain") if commit else None
+        changed = [] if status is None else [line[3:] for line in status.splitlines() if line.strip()]
+        state = dict(commit=commit, dirty=None if status is None else bool(changed), changed_files=changed[:50])
     state["source_sha256"] = source_sha256()
     return state
 
