@@ -72,15 +72,15 @@ class _ZeroRowsWithoutKey(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, o: Tensor, row_has_key: Tensor) -> Tensor:  # row_has_key: (b or 1, h or 1, i or 1)
-        _zero_rows_kernel()(o.data, row_has_key)
+    def forward(ctx, o: Tensor, row_has_key: Tensor, zero_rows_) -> Tensor:  # row_has_key: (b or 1, h or 1, i or 1)
+        zero_rows_(o.data, row_has_key)
         ctx.save_for_backward(row_has_key)
         return o
 
     @staticmethod
-    def backward(ctx, do: Tensor) -> tuple[Tensor, None]:
+    def backward(ctx, do: Tensor) -> tuple[Tensor, None, None]:
         (row_has_key,) = ctx.saved_tensors
-        return do.masked_fill(~row_has_key[..., None], 0.0), None
+        return do.masked_fill(~row_has_key[..., None], 0.0), None, None
 
 
 class FlashAttention(nn.Module):
@@ -219,6 +219,7 @@ class FlashAttention(nn.Module):
         keep = keep | ~row_has_key
         attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
         o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
-        if o.is_cuda and o.stride(-1) == 1 and not torch.compiler.is_compiling() and _zero_rows_kernel() is not None:
-            return _ZeroRowsWithoutKey.apply(o, _as_4d(row_has_key)[..., 0])
+        zero_rows_ = _zero_rows_kernel() if o.is_cuda and not torch.compiler.is_compiling() else None
+        if zero_rows_ is not None and o.stride(-1) == 1:
+            return _ZeroRowsWithoutKey.apply(o, _as_4d(row_has_key)[..., 0], zero_rows_)
         return o.masked_fill(~_as_4d(row_has_key), 0.0)

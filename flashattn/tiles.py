@@ -54,10 +54,9 @@ def causal_tile_kind(rows: slice, cols: slice, i: int, j: int) -> TileKind:
 
 def causal_tile_kinds(i: int, j: int, block_q: int, block_k: int) -> Tensor:
     """:func:`causal_tile_kind` of every tile: an int64 tensor ``(T_r, T_c)`` of ``TileKind`` values."""
-    return torch.tensor(
-        [[causal_tile_kind(rows, cols, i, j) for cols in tile_slices(j, block_k)] for rows in tile_slices(i, block_q)],
-        dtype=torch.int64,
-    ).reshape(len(tile_slices(i, block_q)), len(tile_slices(j, block_k)))
+    row_tiles, col_tiles = tile_slices(i, block_q), tile_slices(j, block_k)
+    kinds = [[causal_tile_kind(rows, cols, i, j) for cols in col_tiles] for rows in row_tiles]
+    return torch.tensor(kinds, dtype=torch.int64).reshape(len(row_tiles), len(col_tiles))
 
 
 def classify_tiles(keep: Tensor, block_q: int, block_k: int) -> Tensor:

@@ -45,7 +45,7 @@ def test_gradients_through_the_in_place_zeroing():
     keep = keep.to(DEVICE)
     row_has_key = keep.any(dim=-1, keepdim=True)  # (2, 1, 7, 1)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~row_has_key)
-    o = _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0])
+    o = _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0], zero_rows_without_key_)
     do = randn(*o.shape, seed=7)
     grads = torch.autograd.grad(o, (q, k, v), do)
     o_ref = reference_attention(q, k, v, mask=keep)

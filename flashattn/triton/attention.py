@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ..inputs import check_flag, prepare
+from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_forward_fa2
 from .launch import PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
 
@@ -226,9 +226,8 @@ class _Prepared:
     dtype: torch.dtype
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
+def _prepare(q: Tensor, x: Prepared) -> _Prepared:
     """Check the inputs and bring them to the form the kernels read (see ``_TritonAttention``)."""
-    x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
     k, v, scale = x.k, x.v, x.scale
     if q.dtype not in _DTYPES:
         raise TypeError(f"triton_attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
@@ -267,11 +266,6 @@ def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None) -> _Prepared:
     return _Prepared(q, k, v, scale, configs, d_v, dtype)
 
 
-def _is_empty(q: Tensor, k: Tensor) -> bool:
-    """Nothing to compute (no batch element, query or key): no kernel is launched on an empty grid."""
-    return q.numel() == 0 or k.numel() == 0
-
-
 def triton_forward(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -282,9 +276,10 @@ def triton_forward(
     float32, ``-inf`` for a row with no key (whose ``o`` is zero).
     """
     causal = check_flag("causal", causal)
-    if _is_empty(q, k):
+    x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
+    if x.is_empty:  # nothing to compute: no kernel is launched on an empty grid
         return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, k, v, scale)
+    p = _prepare(q, x)
     o, lse = _forward(p.q, p.k, p.v, causal, p.scale, p.configs.fwd)
     return o[..., : p.d_v].to(p.dtype), lse
 
@@ -306,8 +301,9 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
     when ``TRITON_INTERPRET=1`` was set before the first call.
     """
     causal = check_flag("causal", causal)
-    if _is_empty(q, k):
+    x = prepare(q, k, v, scale=scale)
+    if x.is_empty:
         return tiled_attention(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, k, v, scale)
+    p = _prepare(q, x)
     o = _TritonAttention.apply(p.q, p.k, p.v, causal, p.scale, p.configs)  # (b, h, i, padded d_v)
     return o[..., : p.d_v].to(p.dtype)
