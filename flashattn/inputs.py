@@ -20,8 +20,8 @@ def _shape(t: Tensor) -> tuple[int, ...]:
     return tuple(t.shape)
 
 
-def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
-    return f"q {_shape(q)}, k {_shape(k)}, v {_shape(v)}"
+def _shapes(q: Tensor, k: Tensor, v: Tensor, names: tuple[str, str, str] = ("q", "k", "v")) -> str:
+    return f"{names[0]} {_shape(q)}, {names[1]} {_shape(k)}, {names[2]} {_shape(v)}"
 
 
 def _check_broadcasts(name: str, t: Tensor, target: tuple[int, int, int, int]) -> None:
@@ -43,6 +43,7 @@ def check_attention_inputs(
     v: Tensor,
     mask: Tensor | None = None,
     attn_bias: Tensor | None = None,
+    names: tuple[str, str, str] = ("q", "k", "v"),
 ) -> tuple[Tensor, Tensor]:
     """Check the inputs of attention and return ``k`` and ``v`` as 4-D views.
 
@@ -50,47 +51,50 @@ def check_attention_inputs(
     ``(b, h_kv, j, d_v)`` with ``h % h_kv == 0``, or 3-D ``(b, j, d)``, one
     head shared by all (returned as ``(b, 1, j, d)``). ``mask`` is bool and
     ``attn_bias`` floating, each broadcastable to ``(b, h, i, j)``.
+    ``names`` are the caller's names of ``q``, ``k`` and ``v``, for the errors.
     Raises ``TypeError`` for a wrong type or dtype, ``ValueError`` for shapes.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    qn, kn, vn = names
+    shapes = _shapes(q, k, v, names) if all(isinstance(t, Tensor) for t in (q, k, v)) else ""
+    for name, t in ((qn, q), (kn, k), (vn, v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
     if q.dim() != 4:
-        raise ValueError(f"q must be 4-D (b, h, i, d), got shape {_shape(q)}")
-    for name, t in (("k", k), ("v", v)):
+        raise ValueError(f"{qn} must be 4-D (b, h, i, d), got shape {_shape(q)}")
+    for name, t in ((kn, k), (vn, v)):
         if t.dim() not in (3, 4):
             raise ValueError(
                 f"{name} must be 4-D (b, h_kv, j, d) or 3-D (b, j, d), got shape {_shape(t)}"
             )
     if k.dim() != v.dim():
-        raise ValueError(f"k and v must have the same number of dimensions, got k {_shape(k)} and v {_shape(v)}")
+        raise ValueError(f"{kn} and {vn} must have the same number of dimensions, got {kn} {_shape(k)} and {vn} {_shape(v)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
+        raise TypeError(f"{qn}, {kn} and {vn} must share one dtype, got {q.dtype}, {k.dtype} and {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+        raise ValueError(f"{qn}, {kn} and {vn} must be on one device, got {q.device}, {k.device} and {v.device}")
 
     k4 = k if k.dim() == 4 else k.unsqueeze(1)  # (b, h_kv, j, d)
     v4 = v if v.dim() == 4 else v.unsqueeze(1)  # (b, h_kv, j, d_v)
     b, h, i, d = q.shape
     h_kv, j = k4.shape[1], k4.shape[2]
     if k4.shape[0] != b or v4.shape[0] != b:
-        raise ValueError(f"q, k and v must have the same batch size, got {_shapes(q, k, v)}")
+        raise ValueError(f"{qn}, {kn} and {vn} must have the same batch size, got {shapes}")
     if k4.shape[-1] != d:
-        raise ValueError(f"q and k must have the same head dimension d, got {_shapes(q, k, v)}")
+        raise ValueError(f"{qn} and {kn} must have the same head dimension d, got {shapes}")
     if v4.shape[2] != j:
-        raise ValueError(f"k and v must have the same length j, got {_shapes(q, k, v)}")
+        raise ValueError(f"{kn} and {vn} must have the same length j, got {shapes}")
     if v4.shape[1] != h_kv:
-        raise ValueError(f"k and v must have the same number of heads, got {_shapes(q, k, v)}")
+        raise ValueError(f"{kn} and {vn} must have the same number of heads, got {shapes}")
     if h_kv == 0 or h == 0:
-        raise ValueError(f"q, k and v must have at least one head, got {_shapes(q, k, v)}")
+        raise ValueError(f"{qn}, {kn} and {vn} must have at least one head, got {shapes}")
     if h % h_kv != 0:
         raise ValueError(
-            f"the heads of q ({h}) must be a multiple of the heads of k and v ({h_kv}), got {_shapes(q, k, v)}"
+            f"the heads of {qn} ({h}) must be a multiple of the heads of {kn} and {vn} ({h_kv}), got {shapes}"
         )
     if d == 0 or v4.shape[-1] == 0:
-        raise ValueError(f"the head dimensions d and d_v must be positive, got {_shapes(q, k, v)}")
+        raise ValueError(f"the head dimensions d and d_v must be positive, got {shapes}")
 
     target = (b, h, i, j)
     if mask is not None:
@@ -164,6 +168,7 @@ def prepare(
     mask: Tensor | None = None,
     attn_bias: Tensor | None = None,
     dtype: torch.dtype | None = None,
+    names: tuple[str, str, str] = ("q", "k", "v"),
 ) -> Prepared:
     """Check the inputs of attention and bring them to one form (see :class:`Prepared`).
 
@@ -171,9 +176,10 @@ def prepare(
     which autograd returns gradients of the original shape. With ``dtype``,
     ``q``, ``k`` and ``v`` are cast to it (the working dtype of an
     implementation that computes in more precision than its inputs).
-    ``mask`` and ``attn_bias`` are checked, not changed.
+    ``mask`` and ``attn_bias`` are checked, not changed; ``names`` are the
+    caller's names of ``q``, ``k`` and ``v``, for the errors.
     """
-    k, v = check_attention_inputs(q, k, v, mask, attn_bias)
+    k, v = check_attention_inputs(q, k, v, mask, attn_bias, names)
     scale = check_scale(scale)
     if dtype is not None:
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)

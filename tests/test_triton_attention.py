@@ -22,12 +22,13 @@ from hypothesis import strategies as st
 
 from flashattn import FlashAttention, tiled_attention, triton_attention
 from flashattn.tiled import tiled_forward_fa2
-import flashattn.triton.attention as triton_module
-from flashattn.triton.attention import _is_interpreted, _kernels, _TritonAttention, triton_forward
+import flashattn.triton.runtime as runtime_module
+from flashattn.triton.attention import _kernels, _TritonAttention, triton_forward
+from flashattn.triton.runtime import is_interpreted
 from flashattn.triton.launch import _FLOAT32, _TABLE, KernelConfigs, TileConfig, pick_configs, table_key
 from reference import reference_attention, reference_keep
 
-INTERPRETED = _is_interpreted(_kernels())
+INTERPRETED = is_interpreted(_kernels().attn_fwd_kernel)
 on_cpu = pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
 on_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -280,7 +281,7 @@ def test_gpus_before_ampere_are_refused_by_name(monkeypatch, dtype):
 
 @on_cpu
 def test_interpreter_too_old_is_named(monkeypatch):
-    monkeypatch.setattr(triton_module, "_triton_version", lambda: (3, 6))
+    monkeypatch.setattr(runtime_module, "triton_version", lambda: (3, 6))
     q = torch.randn(1, 1, 8, 16)
     with pytest.raises(RuntimeError, match="from triton 3.7 on, and triton 3.6 is installed"):
         triton_attention(q, q, q)

@@ -15,9 +15,7 @@ keyed by GPU architecture, head dimension and sequence length
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -29,6 +27,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_forward_fa2
 from .launch import PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
+from .runtime import check_device, is_interpreted, launch, load_kernels
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _MAX_HEAD_DIM = 256
@@ -36,68 +35,12 @@ _MAX_HEAD_DIM = 256
 
 def _kernels() -> ModuleType:
     """The kernel module, imported on first use: ``flashattn`` itself does not need triton."""
-    try:
-        from . import kernels
-    except ImportError as error:
-        raise ImportError(
-            "triton_attention needs triton (pip install triton, or the flashattn[triton] extra); "
-            "tiled_attention computes the same function in plain PyTorch"
-        ) from error
-    return kernels
-
-
-def _is_interpreted(kernels: ModuleType) -> bool:
-    """Whether the kernels were defined under ``TRITON_INTERPRET=1`` (then they run numpy code on the CPU)."""
-    import triton
-
-    return not isinstance(kernels.attn_fwd_kernel, triton.runtime.JITFunction)
-
-
-@contextlib.contextmanager
-def _interpretable_language() -> Iterator[None]:
-    """Let the interpreter call Triton's own jit'd helpers (``tl.zeros``, ``tl.sum``, ...) while a kernel runs.
-
-    Triton builds its helpers for the GPU or for the interpreter when it is
-    first imported, and ``import flashattn`` imports it (through torch)
-    before a notebook can set ``TRITON_INTERPRET=1``. Interpreted copies then
-    stand in for the GPU helpers during the launch, and are taken back after.
-    """
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-    from triton.runtime.jit import JITFunction
-
-    replaced = [
-        (module, name, helper)
-        for module in (tl, tl.math, tl.standard)
-        for name, helper in vars(module).items()
-        if isinstance(helper, JITFunction)
-    ]
-    try:
-        for module, name, helper in replaced:
-            setattr(module, name, InterpretedFunction(helper.fn))
-        yield
-    finally:
-        for module, name, helper in replaced:
-            setattr(module, name, helper)
+    return load_kernels("kernels", "triton_attention")
 
 
 def _run(name: str, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
     """Launch the kernel ``name`` of :mod:`flashattn.triton.kernels` on ``grid``."""
-    kernels = _kernels()
-    launch = getattr(kernels, name)[grid]
-    if _is_interpreted(kernels):
-        with _interpretable_language():
-            launch(*args, **kwargs)
-    else:
-        launch(*args, **kwargs)
-
-
-def _triton_version() -> tuple[int, int]:
-    """The installed triton's (major, minor) version."""
-    import triton
-
-    major, minor = triton.__version__.split(".")[:2]
-    return int(major), int(minor)
+    launch(getattr(_kernels(), name), grid, *args, **kwargs)
 
 
 def _kernel_head_dim(n: int) -> int:
@@ -237,19 +180,8 @@ def _prepare(q: Tensor, x: Prepared) -> _Prepared:
             f"triton_attention takes head dimensions up to {_MAX_HEAD_DIM}, got d = {d} and d_v = {d_v} "
             f"(q {tuple(q.shape)}, v {tuple(v.shape)})"
         )
-    interpreted = _is_interpreted(_kernels())
-    if interpreted and _triton_version() < (3, 7):
-        raise RuntimeError(
-            f"Triton's interpreter runs these kernels from triton 3.7 on, and triton {'.'.join(map(str, _triton_version()))} "
-            "is installed: upgrade triton, or use tiled_attention on the CPU"
-        )
-    if interpreted and q.device.type != "cpu":
-        raise ValueError(f"under TRITON_INTERPRET=1 the kernels run on CPU tensors, got q on {q.device}")
-    if not interpreted and q.device.type != "cuda":
-        raise ValueError(
-            f"triton_attention runs on CUDA tensors, got q on {q.device}; to run it on the CPU, "
-            "set TRITON_INTERPRET=1 before its first call"
-        )
+    interpreted = is_interpreted(_kernels().attn_fwd_kernel)
+    check_device("triton_attention", interpreted, q.device)
 
     dtype = q.dtype
     if interpreted and dtype == torch.bfloat16:
