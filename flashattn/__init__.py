@@ -6,6 +6,7 @@ as the book derives it.
 """
 
 from .attention import FlashAttention
+from .decoding import decode_attention
 from .masks import alibi_bias, causal_mask, padding_mask
 from .online_softmax import merge_partials, online_softmax_update, safe_softmax, streaming_softmax
 from .tiled import tiled_attention
@@ -15,6 +16,7 @@ __all__ = [
     "FlashAttention",
     "alibi_bias",
     "causal_mask",
+    "decode_attention",
     "merge_partials",
     "online_softmax_update",
     "padding_mask",

@@ -1,0 +1,243 @@
+"""Times decode_attention (split-KV) against SDPA, triton_attention and FlexAttention on decoding shapes.
+
+The grid: bf16, h = 32 query heads with h_kv = 8 (grouped-query) or 32 K/V
+heads, d = 128, batch b in {1, 8, 32}, cache length j from 4k to 128k (full
+caches), i in {1, 4} new queries (bottom-right causal). Providers, all in one
+run and timed the same way:
+
+- ``decode``: ``flashattn.decode_attention``, its own choice of num_splits;
+- ``sdpa_gqa``: ``F.scaled_dot_product_attention(..., enable_gqa=True)``,
+  PyTorch choosing its kernel; ``sdpa_flash``, ``sdpa_efficient`` and
+  ``sdpa_cudnn``: the same held to one backend (a backend that refuses the
+  inputs is recorded, not timed);
+- ``sdpa_packed`` (i = 1 only): the query heads of one K/V head passed as
+  ``g`` queries of that head, ``(b, h_kv, g, d)``, so that SDPA reads each
+  K/V head once without ``enable_gqa``; the best input SDPA can be given;
+- ``triton``: ``flashattn.triton_attention`` (FlashAttention-2's grid);
+- ``flex``: ``torch.compile(flex_attention)`` with ``enable_gqa``, a block
+  mask for the causal rule when i > 1.
+
+Decoding runs one small step at a time, and serving systems replay it from
+CUDA graphs; every provider is timed so (``triton.testing.do_bench_cudagraph``,
+median), which removes the host's launch cost from all of them alike. The
+eager time of ``decode`` and ``sdpa_gqa`` (``do_bench``) is recorded too.
+Effective bandwidth = bytes of K and V read once (``2 b h_kv j d`` bf16
+numbers) / time, set against the copy bandwidth measured in the same run
+(read + write bytes of a 4 GiB ``copy_``, per second).
+
+Before timing, at every shape, each provider's output for sequence 0 is
+compared with a float64 reference (max |error|); decode's error must be at
+most twice SDPA's own.
+
+    python benchmarks/bench_decode.py --out benchmarks/results/decode-h200.json
+    python benchmarks/bench_decode.py --tune --out benchmarks/results/decode-tune-h200.json
+    python benchmarks/bench_decode.py --quick           # a few points, without flex
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from triton.testing import do_bench, do_bench_cudagraph
+
+import flashattn.triton.decoding as decoding
+from flashattn import decode_attention, triton_attention
+from runinfo import run_info
+
+DEVICE = torch.device("cuda")
+DTYPE = torch.bfloat16
+H, D = 32, 128
+BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
+PROVIDERS = ["decode", "sdpa_gqa", *BACKENDS, "sdpa_packed", "triton", "flex"]
+FLEX = torch.compile(flex_attention)
+GiB = 2**30
+
+
+def copy_bandwidth(rep: int) -> float:
+    """Bytes read and written per second by a device-to-device copy of 4 GiB."""
+    src = torch.empty(4 * GiB // 2, dtype=DTYPE, device=DEVICE).normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), rep=rep, return_mode="median")
+    return 2 * 4 * GiB / (ms * 1e-3)
+
+
+def sdpa_mask(i: int, j: int):
+    """The bottom-right causal rule for SDPA; none for one query (it sees every key)."""
+    return None if i == 1 else causal_lower_right(i, j)
+
+
+def attention(provider: str, i: int, j: int, h_kv: int) -> Callable | None:
+    """``fn(q, k, v) -> o`` for one provider, or None where it does not apply."""
+    if provider == "decode":
+        return lambda q, k, v: decode_attention(q, k, v)
+    if provider == "triton":
+        return lambda q, k, v: triton_attention(q, k, v, causal=True)
+    if provider == "sdpa_gqa":
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(i, j), enable_gqa=True)
+    if provider in BACKENDS:
+        backend = BACKENDS[provider]
+
+        def sdpa(q, k, v):
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(i, j), enable_gqa=True)
+        return sdpa
+    if provider == "sdpa_packed":
+        if i != 1:
+            return None
+        g = H // h_kv
+
+        def packed(q, k, v):
+            b = q.shape[0]
+            o = F.scaled_dot_product_attention(q.view(b, h_kv, g, D), k, v)  # (b, h_kv, g, d)
+            return o.view(b, H, 1, D)
+        return packed
+    block_mask = None
+    if i > 1:
+        offset = j - i
+        block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset, None, None, i, j,
+                                       device=DEVICE)
+    return lambda q, k, v: FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Float64 attention of sequence 0 (b = 1), bottom-right causal."""
+    q, k, v = (t[:1].double() for t in (q, k, v))
+    g = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
+    i, j = q.shape[2], k.shape[2]
+    s = (q @ k.transpose(-1, -2)) * D**-0.5  # (1, h, i, j)
+    keep = torch.arange(j, device=q.device)[None, :] <= torch.arange(i, device=q.device)[:, None] + (j - i)
+    return torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1) @ v
+
+
+def time_graph(fn: Callable, rep: int) -> float:
+    return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+
+
+def tune(args: argparse.Namespace) -> dict:
+    """Key tile, warps and stages, then programs per SM, of the chunk kernel, on a few decoding shapes."""
+    shapes = [(1, 8, 1, 32768), (1, 8, 1, 131072), (8, 8, 4, 16384), (32, 32, 1, 4096)]
+    configs = [decoding.DecodeConfig(bk, w, s) for bk in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)]
+    results = []
+    for b, h_kv, i, j in shapes:
+        q, k, v = (torch.randn(b, hh, n, D, device=DEVICE, dtype=DTYPE) for hh, n in ((H, i), (h_kv, j), (h_kv, j)))
+        want = reference(q, k, v)
+        for cfg in configs:
+            for per_sm in (2, 4, 8, 16):
+                decoding._CONFIG_16BIT, decoding.PROGRAMS_PER_SM = cfg, per_sm
+                try:
+                    error = (decode_attention(q, k, v)[:1].double() - want).abs().max().item()
+                    ms = time_graph(lambda: decode_attention(q, k, v), args.rep)
+                except Exception as exc:  # a shape that does not fit (shared memory, registers)
+                    results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), programs_per_sm=per_sm,
+                                        error=str(exc).splitlines()[0][:200]))
+                    continue
+                bandwidth = 2 * b * h_kv * j * D * 2 / (ms * 1e-3)
+                results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), programs_per_sm=per_sm, ms=ms,
+                                    tb_per_s=bandwidth / 1e12, max_error=error))
+                print(f"b={b:2d} h_kv={h_kv:2d} i={i} j={j:6d} {vars(cfg)} per_sm={per_sm:2d} "
+                      f"{ms * 1e3:8.1f} us {bandwidth / 1e12:5.2f} TB/s err {error:.1e}", flush=True)
+    return dict(results=results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="where to write the JSON results")
+    parser.add_argument("--quick", action="store_true", help="a few points, without flex")
+    parser.add_argument("--tune", action="store_true", help="sweep the chunk kernel's launch instead")
+    parser.add_argument("--rep", type=int, default=100, help="milliseconds of timing per measurement")
+    parser.add_argument("--max-kv-gib", type=float, default=64, help="skip shapes whose K and V take more")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    copy = copy_bandwidth(args.rep)
+    print(f"copy bandwidth {copy / 1e12:.2f} TB/s (read + write)", flush=True)
+    meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep)
+    meta.update(copy_tb_per_s=copy / 1e12,
+                timing="triton.testing.do_bench_cudagraph, median (eager: do_bench, median)",
+                bandwidth="bytes of K and V (2 b h_kv j d bf16) / time")
+    if args.tune:
+        out = dict(**meta, **tune(args))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        return
+
+    if args.quick:
+        grid = [(1, 8, i, j) for i in (1, 4) for j in (4096, 32768)]
+        providers = [p for p in PROVIDERS if p != "flex"]
+    else:
+        grid = [(b, h_kv, i, j) for h_kv in (8, 32) for b in (1, 8, 32) for j in (4096, 8192, 16384, 32768, 65536, 131072)
+                for i in (1, 4)]
+        providers = PROVIDERS
+    torch._dynamo.config.cache_size_limit = 256  # flex compiles for each shape
+    rows, skipped, failures = [], [], []
+
+    def write(complete: bool = False) -> None:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(**meta, providers=providers, complete=complete, rows=rows, skipped=skipped,
+                               accuracy_failures=failures), f, indent=1)
+
+    cache_key, cache = None, None
+    for b, h_kv, i, j in grid:
+        kv_bytes = 2 * b * h_kv * j * D * 2
+        if kv_bytes > args.max_kv_gib * GiB:
+            skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider="all",
+                                why=f"K and V take {kv_bytes / GiB:.0f} GiB, above --max-kv-gib {args.max_kv_gib}"))
+            continue
+        if cache_key != (b, h_kv, j):
+            cache = None
+            torch.cuda.empty_cache()
+            gen = torch.Generator(device=DEVICE).manual_seed(j + b)
+            cache = tuple(torch.randn(b, h_kv, j, D, device=DEVICE, dtype=DTYPE, generator=gen) for _ in range(2))
+            cache_key = (b, h_kv, j)
+        k, v = cache
+        q = torch.randn(b, H, i, D, device=DEVICE, dtype=DTYPE)
+        want = reference(q, k, v)
+        errors, times = {}, {}
+        for provider in providers:
+            fn = attention(provider, i, j, h_kv)
+            if fn is None:
+                continue
+            try:
+                o = fn(q, k, v)
+                torch.cuda.synchronize()
+            except Exception as exc:  # a backend that refuses these inputs
+                skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, why=str(exc).splitlines()[0][:300]))
+                continue
+            errors[provider] = (o[:1].double() - want).abs().max().item()
+            times[provider] = time_graph(lambda: fn(q, k, v), args.rep)
+            row = dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, ms=times[provider], max_error=errors[provider],
+                       tb_per_s=kv_bytes / (times[provider] * 1e-3) / 1e12)
+            if provider in ("decode", "sdpa_gqa"):
+                row["eager_ms"] = do_bench(lambda: fn(q, k, v), rep=args.rep, return_mode="median")
+            rows.append(row)
+        sdpa_error = min(e for p, e in errors.items() if p.startswith("sdpa"))
+        if errors["decode"] > 2 * sdpa_error:
+            failures.append(f"b={b} h_kv={h_kv} i={i} j={j}: decode error {errors['decode']:.2e} "
+                            f"> 2 x SDPA's {sdpa_error:.2e}")
+        others = {p: t for p, t in times.items() if p != "decode"}
+        best = min(others, key=others.get)
+        print(f"b={b:2d} h_kv={h_kv:2d} i={i} j={j:6d} decode {times['decode'] * 1e3:8.1f} us "
+              f"{kv_bytes / (times['decode'] * 1e-3) / copy:5.0%} of copy | best other {best} "
+              f"{others[best] * 1e3:8.1f} us | speed-up {others[best] / times['decode']:5.2f} | "
+              f"err {errors['decode']:.1e} (sdpa {sdpa_error:.1e})", flush=True)
+        write()
+    write(complete=True)
+    print(f"{len(rows)} rows, {len(failures)} accuracy failures, {time.perf_counter() - start:.0f} s")
+    for failure in failures:
+        print("ACCURACY:", failure)
+
+
+if __name__ == "__main__":
+    main()

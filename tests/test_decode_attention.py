@@ -1,0 +1,296 @@
+"""decode_attention against float64 attention over each sequence's valid keys alone.
+
+The reference never sees a slot past a sequence's length: it slices the
+cache to ``cache_lens[n]`` keys and applies the bottom-right causal rule
+there, so a kernel that read past the length, or masked the wrong keys,
+shows up as a difference (or as NaN: the slots past the length hold NaN and
+infinities). On the CPU, ``decode_attention`` runs the Triton kernels through
+the interpreter (conftest sets ``TRITON_INTERPRET=1``), and
+``split_kv_attention``, the PyTorch path, is tested directly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from flashattn import FlashAttention, decode_attention
+from flashattn.decoding import split_kv_attention
+from flashattn.triton.decoding import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, row_block
+from flashattn.triton.runtime import is_interpreted, load_kernels
+from reference import reference_attention
+
+INTERPRETED = is_interpreted(load_kernels("decode_kernels", "decode_attention").decode_split_kernel)
+on_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# Errors are max |x - ref| / max |ref|. float32: the kernels' products run as three TF32 products
+# and keep nearly float32 precision; a key chunk sums up to a few hundred terms: 1e-5. float64 (the
+# PyTorch path): 1e-12. float16: P is rounded to float16 (unit roundoff 2^-11) before P V, and the
+# output is rounded again: 2^-9. bfloat16 runs in float32 in the interpreter, so only the output's
+# rounding (2^-9) counts, with margin: 2^-7.
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-7}
+
+
+def reference_decode(q, k, v, lens, scale=None):
+    """Float64: each sequence's queries against its first ``lens[n]`` keys, bottom-right causal."""
+    b, h, i, _ = q.shape
+    out = torch.zeros(b, h, i, v.shape[-1], dtype=torch.float64)
+    for n, length in enumerate(lens.tolist()):
+        if length > 0:  # no key at all: every query gives zeros
+            out[n : n + 1] = reference_attention(
+                q[n : n + 1], k[n : n + 1, :, :length], v[n : n + 1, :, :length], causal=True, scale=scale
+            )
+    return out
+
+
+def rel_error(got, want):
+    return ((got.double().cpu() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
+def make_cache(b, h, h_kv, i, j, d, d_v, lens, dtype=torch.float32, seed=0, device="cpu"):
+    """Random q and caches whose slots past each length hold NaN and infinities."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, i, d, generator=gen).to(dtype)
+    k = torch.randn(b, h_kv, j, d, generator=gen).to(dtype)
+    v = torch.randn(b, h_kv, j, d_v, generator=gen).to(dtype)
+    for n, length in enumerate(lens.tolist()):
+        k[n, :, length:] = float("nan")
+        v[n, :, length:] = float("inf")
+        v[n, :, length + 1 :: 2] = float("nan")
+    return q.to(device), k.to(device), v.to(device)
+
+
+# (b, h, h_kv, i, j, d, d_v): grouped-query and not, d != d_v, sizes that are not powers of two,
+# more queries than keys, lengths 0 and j among the ragged ones
+SHAPES = [
+    (3, 4, 2, 1, 100, 32, 16),
+    (2, 8, 2, 3, 77, 24, 40),
+    (4, 2, 2, 9, 5, 16, 16),
+    (2, 6, 1, 2, 300, 64, 64),
+    (1, 4, 4, 70, 130, 16, 32),
+    (3, 12, 3, 5, 257, 40, 24),
+]
+
+
+def ragged_lens(b, j, seed):
+    gen = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, j + 1, (b,), generator=gen)
+    lens[0] = j
+    if b > 1:
+        lens[-1] = 0
+    return lens
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_splits", [None, 1, 3, 1000])
+def test_kernels_match_float64(shape, num_splits):
+    b, h, h_kv, i, j, d, d_v = shape
+    lens = ragged_lens(b, j, seed=j)
+    q, k, v = make_cache(b, h, h_kv, i, j, d, d_v, lens, seed=i)
+    o = decode_attention(q, k, v, lens, num_splits=num_splits)
+    assert o.shape == (b, h, i, d_v) and o.dtype == q.dtype
+    assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float32]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("num_splits", [1, 2, 7, 1000])
+def test_pytorch_path_matches_float64(shape, num_splits):
+    b, h, h_kv, i, j, d, d_v = shape
+    lens = ragged_lens(b, j, seed=j + 1)
+    q, k, v = make_cache(b, h, h_kv, i, j, d, d_v, lens, dtype=torch.float64, seed=i + 1)
+    o = split_kv_attention(q, k, v, lens, scale=d**-0.5, num_splits=num_splits)
+    assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float64]
+
+
+def test_float64_takes_the_pytorch_path():
+    lens = torch.tensor([50, 0, 13])
+    q, k, v = make_cache(3, 4, 2, 2, 50, 16, 16, lens, dtype=torch.float64)
+    o = decode_attention(q, k, v, lens, scale=-0.3)
+    assert o.dtype == torch.float64
+    assert rel_error(o, reference_decode(q, k, v, lens, scale=-0.3)) < TOLERANCE[torch.float64]
+
+
+def test_every_num_splits_from_one_to_more_than_the_key_tiles():
+    """The result does not depend on the number of chunks beyond rounding."""
+    b, h, h_kv, i, j, d = 2, 4, 2, 2, 200, 32
+    lens = torch.tensor([200, 141])
+    q, k, v = make_cache(b, h, h_kv, i, j, d, d, lens, seed=3)
+    want = reference_decode(q, k, v, lens)
+    key_tiles = math.ceil(j / 64)  # the interpreter's key tile
+    for num_splits in range(1, key_tiles + 3):
+        assert rel_error(decode_attention(q, k, v, lens, num_splits=num_splits), want) < TOLERANCE[torch.float32]
+        o_pt = split_kv_attention(q.double(), k.double(), v.double(), lens, scale=d**-0.5, num_splits=num_splits)
+        assert rel_error(o_pt, want) < TOLERANCE[torch.float64]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16_bit_inputs(dtype):
+    lens = torch.tensor([90, 33])
+    q, k, v = make_cache(2, 8, 2, 4, 90, 64, 64, lens, dtype=dtype, seed=5)
+    o = decode_attention(q, k, v, lens, num_splits=2)
+    assert o.dtype == dtype
+    assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[dtype]
+
+
+def test_queries_without_keys_give_zeros():
+    """With more queries than valid keys, the first queries come before every key."""
+    lens = torch.tensor([3, 0])
+    q, k, v = make_cache(2, 2, 1, 6, 10, 16, 16, lens, seed=6)
+    o = decode_attention(q, k, v, lens, num_splits=2)
+    assert torch.equal(o[0, :, :3], torch.zeros_like(o[0, :, :3]))  # queries 0..2 see keys up to -3..-1
+    assert torch.equal(o[1], torch.zeros_like(o[1]))
+    assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float32]
+
+
+def test_full_caches_equal_flashattention_causal():
+    """Without lengths, decoding is causal attention with the queries at the end of the sequence."""
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = torch.randn(2, 8, 3, 32, generator=gen), torch.randn(2, 2, 150, 32, generator=gen), torch.randn(2, 2, 150, 32, generator=gen)
+    want = FlashAttention(causal=True, flash=False)(q.double(), k.double(), v.double())
+    assert rel_error(decode_attention(q, k, v), want) < TOLERANCE[torch.float32]
+    full = torch.full((2,), 150)
+    assert rel_error(decode_attention(q, k, v, full), want) < TOLERANCE[torch.float32]
+
+
+def test_one_head_shared_by_all():
+    """3-D caches (b, j, d): one K/V head for every query head."""
+    lens = torch.tensor([40, 17])
+    q, k, v = make_cache(2, 4, 1, 1, 40, 16, 16, lens, seed=8)
+    got = decode_attention(q, k[:, 0], v[:, 0], lens)
+    assert rel_error(got, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float32]
+
+
+def test_empty_problems():
+    q = torch.randn(2, 4, 1, 16)
+    assert decode_attention(q, torch.randn(2, 2, 0, 16), torch.randn(2, 2, 0, 8)).shape == (2, 4, 1, 8)
+    assert decode_attention(q[:, :, :0], torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 8)).shape == (2, 4, 0, 8)
+
+
+def test_gradients_are_refused_with_a_message():
+    q = torch.randn(1, 2, 1, 16, requires_grad=True)
+    kv = torch.randn(1, 2, 20, 16)
+    o = decode_attention(q, kv, kv)
+    with pytest.raises(RuntimeError, match="decode_attention is for inference"):
+        o.sum().backward()
+
+
+def _inputs():
+    return torch.randn(2, 4, 1, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 8)
+
+
+@pytest.mark.parametrize(
+    "cache_lens, error, match",
+    [
+        (torch.tensor([1.0, 2.0]), TypeError, "cache_lens must be an integer tensor, got dtype torch.float32"),
+        (torch.tensor([True, False]), TypeError, "integer tensor, got dtype torch.bool"),
+        ([3, 4], TypeError, r"cache_lens must be None or an integer tensor of shape \(b,\) = \(2,\), got list"),
+        (torch.tensor([3, 4, 5]), ValueError, r"shape \(b,\) = \(2,\), one length per sequence, got \(3,\)"),
+        (torch.tensor([[3, 4]]), ValueError, r"got \(1, 2\)"),
+        (torch.tensor([3, 11]), ValueError, r"\[0, j\] = \[0, 10\] \(j = k_cache.shape\[2\]\), got values from 3 to 11"),
+        (torch.tensor([-1, 4]), ValueError, "got values from -1 to 4"),
+    ],
+)
+def test_bad_cache_lens(cache_lens, error, match):
+    q, k, v = _inputs()
+    with pytest.raises(error, match=match):
+        decode_attention(q, k, v, cache_lens)
+
+
+def test_bad_shapes_name_the_caches():
+    q, k, v = _inputs()
+    with pytest.raises(ValueError, match=r"heads of q \(3\) must be a multiple of the heads of k_cache and v_cache \(2\)"):
+        decode_attention(q[:, :3], k, v)
+    with pytest.raises(ValueError, match=r"k_cache and v_cache must have the same length j, got q \(2, 4, 1, 16\), "
+                                         r"k_cache \(2, 2, 10, 16\), v_cache \(2, 2, 9, 8\)"):
+        decode_attention(q, k, v[:, :, :9])
+    with pytest.raises(ValueError, match="num_splits must be None or a positive integer, got 0"):
+        decode_attention(q, k, v, num_splits=0)
+    with pytest.raises(ValueError, match="num_splits must be None or a positive integer, got 2.0"):
+        decode_attention(q, k, v, num_splits=2.0)
+
+
+def test_number_of_splits_chosen():
+    """Enough programs for the GPU, none shorter than MIN_TILES_PER_SPLIT key tiles, one when the grid is full."""
+    sms = 132
+    # one sequence, 8 K/V heads: 8 programs per chunk, so many chunks
+    splits = choose_num_splits(1, 8, 4, 1, 32768, 64, sms)
+    assert 8 * splits >= 2 * sms and splits <= 32768 // 64 // MIN_TILES_PER_SPLIT
+    # a short cache: no chunk below the minimum
+    assert choose_num_splits(1, 8, 4, 1, 512, 64, sms) == 512 // 64 // MIN_TILES_PER_SPLIT
+    # a batch that fills the GPU by itself: no split
+    assert choose_num_splits(64, 32, 1, 1, 4096, 64, sms) == 1
+    assert choose_num_splits(1, 1, 1, 1, 10**7, 64, sms) <= MAX_SPLITS
+    assert row_block(4, 1) == 16 and row_block(8, 4) == 32 and row_block(32, 4) == 64
+
+
+# --- on the GPU: the kernels at decoding sizes, against SDPA's own bf16 error
+
+
+def _sdpa_reference_error(q, k, v, lens, want):
+    """SDPA's bf16 error on the same inputs, sequence by sequence over the valid keys."""
+    import torch.nn.functional as F
+    from torch.nn.attention.bias import causal_lower_right
+
+    out = torch.zeros_like(want)
+    for n, length in enumerate(lens.tolist()):
+        if length == 0:
+            continue
+        i = q.shape[2]
+        o = F.scaled_dot_product_attention(
+            q[n : n + 1], k[n : n + 1, :, :length], v[n : n + 1, :, :length],
+            attn_mask=causal_lower_right(i, length) if i > 1 else None, enable_gqa=True,
+        )
+        out[n : n + 1] = o.double().cpu().nan_to_num(0.0)  # rows before every key: zeros, as decode gives
+    return (out - want).abs().max().item()
+
+
+@on_cuda
+@pytest.mark.parametrize("b, h, h_kv, i, j", [(1, 32, 8, 1, 40000), (4, 32, 8, 4, 9000), (3, 16, 16, 1, 5000),
+                                             (2, 8, 1, 3, 70000)])
+def test_cuda_bf16_error_at_most_twice_sdpa(b, h, h_kv, i, j):
+    lens = ragged_lens(b, j, seed=j)
+    if b > 2:
+        lens[1] = 1  # a single key, with i > 1 queries of which the first see none
+    q, k, v = make_cache(b, h, h_kv, i, j, 128, 128, lens, dtype=torch.bfloat16, seed=b, device="cuda")
+    lens = lens.cuda()
+    want = reference_decode(q.cpu(), k.cpu(), v.cpu(), lens.cpu())
+    sdpa_error = _sdpa_reference_error(q, k, v, lens, want)
+    for num_splits in (None, 1, 16, 333):
+        o = decode_attention(q, k, v, lens, num_splits=num_splits)
+        error = (o.double().cpu() - want).abs().max().item()
+        assert error <= 2 * sdpa_error, (num_splits, error, sdpa_error)
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_other_dtypes(dtype):
+    lens = torch.tensor([3000, 1, 2047])
+    q, k, v = make_cache(3, 8, 2, 2, 3000, 64, 32, lens, dtype=dtype, seed=9, device="cuda")
+    o = decode_attention(q, k, v, lens.cuda())
+    assert rel_error(o, reference_decode(q.cpu(), k.cpu(), v.cpu(), lens)) < TOLERANCE[dtype]
+
+
+@on_cuda
+def test_cuda_graph_capture_replays_new_lengths():
+    """Inside a captured graph the lengths are not read on the host; replay follows their new values."""
+    lens = torch.tensor([1000, 500], device="cuda")
+    q, k, v = make_cache(2, 8, 2, 1, 1000, 64, 64, torch.tensor([1000, 1000]), dtype=torch.bfloat16, seed=10,
+                         device="cuda")
+    decode_attention(q, k, v, lens)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o = decode_attention(q, k, v, lens)
+    for new in ([1000, 500], [17, 999], [0, 64]):
+        lens.copy_(torch.tensor(new))
+        graph.replay()
+        want = reference_decode(q.cpu(), k.cpu(), v.cpu(), torch.tensor(new))
+        assert rel_error(o, want) < TOLERANCE[torch.bfloat16], new
+
+
+@on_cuda
+def test_cuda_lengths_on_another_device_are_named():
+    q, k, v = (t.cuda() for t in _inputs())
+    with pytest.raises(ValueError, match="cache_lens is on cpu but q is on cuda:0"):
+        decode_attention(q, k, v, torch.tensor([1, 2]))
