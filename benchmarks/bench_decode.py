@@ -125,28 +125,29 @@ def time_graph(fn: Callable, rep: int) -> float:
 
 
 def tune(args: argparse.Namespace) -> dict:
-    """Key tile, warps and stages, then programs per SM, of the chunk kernel, on a few decoding shapes."""
-    shapes = [(1, 8, 1, 32768), (1, 8, 1, 131072), (8, 8, 4, 16384), (32, 32, 1, 4096)]
-    configs = [decoding.DecodeConfig(bk, w, s) for bk in (32, 64, 128) for w in (2, 4, 8) for s in (2, 3, 4)]
+    """Launches of the chunk kernel, and numbers of chunks around the chosen one, on a few decoding shapes."""
+    shapes = [(1, 8, 1, 32768), (1, 8, 1, 131072), (8, 8, 4, 16384), (32, 8, 1, 16384), (32, 32, 1, 4096)]
+    configs = [decoding.DecodeConfig(*c) for c in ((64, 4, 2), (64, 4, 3), (64, 2, 2), (128, 4, 2), (32, 2, 3))]
     results = []
     for b, h_kv, i, j in shapes:
         q, k, v = (torch.randn(b, hh, n, D, device=DEVICE, dtype=DTYPE) for hh, n in ((H, i), (h_kv, j), (h_kv, j)))
         want = reference(q, k, v)
         for cfg in configs:
-            for per_sm in (2, 4, 8, 16):
-                decoding._CONFIG_16BIT, decoding.PROGRAMS_PER_SM = cfg, per_sm
-                try:
-                    error = (decode_attention(q, k, v)[:1].double() - want).abs().max().item()
-                    ms = time_graph(lambda: decode_attention(q, k, v), args.rep)
-                except Exception as exc:  # a shape that does not fit (shared memory, registers)
-                    results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), programs_per_sm=per_sm,
-                                        error=str(exc).splitlines()[0][:200]))
+            decoding._CONFIG_16BIT = cfg
+            chosen = decoding.decode_num_splits(q, k, v)
+            resident = max(n for key, n in decoding._resident.items() if key[1] == cfg)
+            for splits in sorted({chosen, max(1, chosen // 2), chosen * 3 // 4, chosen * 3 // 2, chosen * 2,
+                                  chosen * 4}):
+                if splits < 1:
                     continue
+                error = (decode_attention(q, k, v, num_splits=splits)[:1].double() - want).abs().max().item()
+                ms = time_graph(lambda: decode_attention(q, k, v, num_splits=splits), args.rep)
                 bandwidth = 2 * b * h_kv * j * D * 2 / (ms * 1e-3)
-                results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), programs_per_sm=per_sm, ms=ms,
-                                    tb_per_s=bandwidth / 1e12, max_error=error))
-                print(f"b={b:2d} h_kv={h_kv:2d} i={i} j={j:6d} {vars(cfg)} per_sm={per_sm:2d} "
-                      f"{ms * 1e3:8.1f} us {bandwidth / 1e12:5.2f} TB/s err {error:.1e}", flush=True)
+                results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), resident=resident, chosen=chosen,
+                                    num_splits=splits, ms=ms, tb_per_s=bandwidth / 1e12, max_error=error))
+                print(f"b={b:2d} h_kv={h_kv:2d} i={i} j={j:6d} {tuple(vars(cfg).values())} resident {resident} "
+                      f"splits {splits:3d}{'*' if splits == chosen else ' '} {ms * 1e3:8.1f} us "
+                      f"{bandwidth / 1e12:5.2f} TB/s err {error:.1e}", flush=True)
     return dict(results=results)
 
 

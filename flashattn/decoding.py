@@ -122,6 +122,20 @@ def _uses_kernels(q: Tensor) -> bool:
     return interpreted and q.device.type == "cpu"
 
 
+def _decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> Tensor:
+    """The Triton kernels where they run, else the same algorithm in PyTorch."""
+    if _uses_kernels(q):
+        from .triton.decoding import triton_decode
+
+        return triton_decode(q, k, v, lens, scale, num_splits)
+    work = torch.promote_types(q.dtype, torch.float32)
+    j = k.shape[2]
+    lens = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens
+    splits = num_splits if num_splits is not None else max(1, math.ceil(j / CPU_CHUNK))
+    o = split_kv_attention(q.to(work), k.to(work), v.to(work), lens, scale=scale, num_splits=splits)
+    return o.to(q.dtype)
+
+
 class _DecodeAttention(torch.autograd.Function):
     """Inference only: the forward of :func:`decode_attention`, and a backward that says so."""
 
@@ -129,16 +143,7 @@ class _DecodeAttention(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None
     ) -> Tensor:
-        if _uses_kernels(q):
-            from .triton.decoding import triton_decode
-
-            return triton_decode(q, k, v, lens, scale, num_splits)
-        work = torch.promote_types(q.dtype, torch.float32)
-        j = k.shape[2]
-        lens = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens
-        splits = num_splits if num_splits is not None else max(1, math.ceil(j / CPU_CHUNK))
-        o = split_kv_attention(q.to(work), k.to(work), v.to(work), lens, scale=scale, num_splits=splits)
-        return o.to(q.dtype)
+        return _decode(q, k, v, lens, scale, num_splits)
 
     @staticmethod
     def backward(ctx: FunctionCtx, do: Tensor) -> tuple[Tensor | None, ...]:
@@ -190,4 +195,6 @@ def decode_attention(
     num_splits = _check_num_splits(num_splits)
     if q.numel() == 0 or j == 0:  # nothing to attend: every query has no key
         return q.new_zeros(b, h, i, d_v)
-    return _DecodeAttention.apply(q, x.k, x.v, lens, x.scale, num_splits)
+    if torch.is_grad_enabled() and (q.requires_grad or x.k.requires_grad or x.v.requires_grad):
+        return _DecodeAttention.apply(q, x.k, x.v, lens, x.scale, num_splits)  # to refuse a backward
+    return _decode(q, x.k, x.v, lens, x.scale, num_splits)

@@ -212,16 +212,15 @@ def test_bad_shapes_name_the_caches():
 
 
 def test_number_of_splits_chosen():
-    """Enough programs for the GPU, none shorter than MIN_TILES_PER_SPLIT key tiles, one when the grid is full."""
-    sms = 132
-    # one sequence, 8 K/V heads: 8 programs per chunk, so many chunks
-    splits = choose_num_splits(1, 8, 4, 1, 32768, 64, sms)
-    assert 8 * splits >= 2 * sms and splits <= 32768 // 64 // MIN_TILES_PER_SPLIT
-    # a short cache: no chunk below the minimum
-    assert choose_num_splits(1, 8, 4, 1, 512, 64, sms) == 512 // 64 // MIN_TILES_PER_SPLIT
+    """One full wave of programs, no chunk below MIN_TILES_PER_SPLIT key tiles, one chunk when the grid is full."""
+    slots = 132 * 3  # an H200's SMs, three programs on each
+    # one sequence, 8 K/V heads: 8 programs per chunk; 49 chunks make 392 of the 396 slots
+    assert choose_num_splits(1, 8, 4, 1, 32768, 64, slots) == 49
+    # a short cache: 8 key tiles, no chunk below the minimum
+    assert choose_num_splits(1, 8, 4, 1, 512, 64, slots) == 512 // 64 // MIN_TILES_PER_SPLIT
     # a batch that fills the GPU by itself: no split
-    assert choose_num_splits(64, 32, 1, 1, 4096, 64, sms) == 1
-    assert choose_num_splits(1, 1, 1, 1, 10**7, 64, sms) <= MAX_SPLITS
+    assert choose_num_splits(64, 32, 1, 1, 4096, 64, slots) == 1
+    assert choose_num_splits(1, 1, 1, 1, 10**7, 64, 10**6) == MAX_SPLITS
     assert row_block(4, 1) == 16 and row_block(8, 4) == 32 and row_block(32, 4) == 64
 
 
@@ -231,16 +230,15 @@ def test_number_of_splits_chosen():
 def _sdpa_reference_error(q, k, v, lens, want):
     """SDPA's bf16 error on the same inputs, sequence by sequence over the valid keys."""
     import torch.nn.functional as F
-    from torch.nn.attention.bias import causal_lower_right
 
     out = torch.zeros_like(want)
     for n, length in enumerate(lens.tolist()):
         if length == 0:
             continue
         i = q.shape[2]
+        keep = torch.arange(length, device=q.device) <= torch.arange(i, device=q.device)[:, None] + (length - i)
         o = F.scaled_dot_product_attention(
-            q[n : n + 1], k[n : n + 1, :, :length], v[n : n + 1, :, :length],
-            attn_mask=causal_lower_right(i, length) if i > 1 else None, enable_gqa=True,
+            q[n : n + 1], k[n : n + 1, :, :length], v[n : n + 1, :, :length], attn_mask=keep, enable_gqa=True,
         )
         out[n : n + 1] = o.double().cpu().nan_to_num(0.0)  # rows before every key: zeros, as decode gives
     return (out - want).abs().max().item()

@@ -18,7 +18,8 @@ query ``r = m % i`` of query head ``kv * g + m // i``.
 Layouts: ``q`` (b, h, i, D), ``k`` (b, h_kv, j, D), ``v`` (b, h_kv, j, DV),
 any strides with the last one 1; ``lens`` (b,) integers; the partial results
 ``o_part`` (b, h, i, num_splits, DV) and ``lse_part`` (b, h, i, num_splits)
-float32, contiguous. ``D`` and ``DV`` are powers of two from 16.
+float32, contiguous; with one chunk, ``o_part`` is the output, in the
+inputs' dtype, and the merge is skipped. ``D`` and ``DV`` are powers of two from 16.
 
 The rule: query ``r`` of sequence ``n`` sees key ``c`` when
 ``c <= lens[n] - i + r``; keys at or past ``lens[n]`` are never loaded, so
@@ -101,7 +102,8 @@ def decode_split_kernel(
     part_row = (batch * h + head) * i + r  # (BLOCK_M,) the row of (b, h, i)
     tl.store(lse_part_ptr + part_row * num_splits + split, lse, mask=row_ok)
     o_ptrs = o_part_ptr + (part_row * num_splits + split)[:, None] * DV + offs_dv[None, :]
-    tl.store(o_ptrs, o, mask=row_ok[:, None])
+    # with one chunk, o_part is the output itself, in the inputs' dtype, and no merge follows
+    tl.store(o_ptrs, o.to(o_part_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
 @triton.jit

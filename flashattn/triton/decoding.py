@@ -31,14 +31,15 @@ class DecodeConfig:
 
 
 # Measured on the H200 by benchmarks/bench_decode.py --tune (benchmarks/results/decode-tune-h200.json):
-# a decoding program streams K and V and does little arithmetic, so what counts is how many bytes
-# each SM has in flight. The same shapes fit an A100's shared memory.
-_CONFIG_16BIT = DecodeConfig(block_k=64, num_warps=4, num_stages=3)
+# a decoding program streams K and V and does little arithmetic, so what counts is the bytes in
+# flight on each SM; two stages of 64-key tiles let four programs share an SM. The same shapes fit
+# an A100's shared memory.
+_CONFIG_16BIT = DecodeConfig(block_k=64, num_warps=4, num_stages=2)
 _CONFIG_FLOAT32 = DecodeConfig(block_k=32, num_warps=4, num_stages=2)
 _CONFIG_INTERPRETER = DecodeConfig(block_k=64, num_warps=4, num_stages=1)
-# enough programs for a few per SM, so that loads of one program hide the latency of another's
-PROGRAMS_PER_SM = 4
+WAVES = 1  # grids of this many full waves of programs: the chunks then all end together
 MIN_TILES_PER_SPLIT = 4  # a chunk shorter than this costs more in its merge than it saves
+_resident: dict[tuple, int] = {}  # programs of one compiled chunk kernel that fit on one SM at once
 
 
 def decode_config(dtype: torch.dtype, interpreted: bool) -> DecodeConfig:
@@ -53,31 +54,66 @@ def row_block(g: int, i: int) -> int:
     return min(MAX_ROWS, max(16, 1 << (g * i - 1).bit_length()))
 
 
-def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, sm_count: int) -> int:
-    """How many chunks to cut each sequence's keys into, from the shape and the GPU.
+def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, slots: int) -> int:
+    """How many chunks to cut each sequence's keys into, given ``slots`` programs the GPU runs at once.
 
-    Enough programs to give each of ``sm_count`` SMs ``PROGRAMS_PER_SM`` of
-    them, but no chunk shorter than ``MIN_TILES_PER_SPLIT`` key tiles, and one
-    chunk when the grid is already full without splitting.
+    As many chunks as fill ``WAVES`` full waves of the ``slots`` (SMs times
+    the programs that fit on one), so that no SM idles while others finish a
+    last, partial wave; no chunk shorter than ``MIN_TILES_PER_SPLIT`` key
+    tiles; one chunk when the grid fills the GPU without splitting.
     """
     programs = b * h_kv * math.ceil(g * i / row_block(g, i))  # programs per chunk
-    wanted = math.ceil(PROGRAMS_PER_SM * sm_count / programs)
     most = max(1, math.ceil(j / block_k) // MIN_TILES_PER_SPLIT)
-    return max(1, min(wanted, most, MAX_SPLITS))
+    return max(1, min(WAVES * slots // programs, most, MAX_SPLITS))
 
 
-def triton_decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> Tensor:
-    """Split-KV attention of ``q`` (b, h, i, d) against ``k`` (b, h_kv, j, d), ``v`` (b, h_kv, j, d_v).
+def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
+    """Programs of the chunk kernel that the GPU runs at once: SMs times how many fit on one SM.
 
-    ``lens`` (b,) integers in ``[0, j]`` or None for ``j``. Returns
-    ``(b, h, i, d_v)`` in the dtype of ``q``. CUDA tensors, or CPU tensors
-    under ``TRITON_INTERPRET=1``.
+    What fits is read from the compiled kernel (its registers and shared
+    memory) against the SM's budget, once per compiled variant.
     """
+    key = (device.index, cfg, tuple(sorted(constants.items())), args[0].dtype)
+    if key not in _resident:
+        import triton
+
+        compiled = kernel.warmup(*args, grid=(1,), **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        compiled._init_handles()
+        sm = triton.runtime.driver.active.utils.get_device_properties(device.index)
+        threads = cfg.num_warps * 32
+        by_registers = sm["max_num_regs"] // max(1, compiled.n_regs * threads)
+        by_memory = sm["max_shared_mem"] // max(1, compiled.metadata.shared)
+        _resident[key] = max(1, min(by_registers, by_memory, 2048 // threads))
+    return _resident[key] * torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@dataclass
+class _Plan:
+    """The inputs in the form the kernels read, and how they are launched."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    lens: Tensor | None
+    scale: float
+    cfg: DecodeConfig
+    constants: dict
+    num_splits: int
+
+    def chunk_args(self, o_part: Tensor, lse_part: Tensor) -> tuple:
+        """The chunk kernel's arguments, writing into ``o_part`` and ``lse_part``."""
+        q, k, v = self.q, self.k, self.v
+        b, h, i, _ = q.shape
+        lens = self.lens if self.lens is not None else lse_part  # not read without lengths
+        return (q, k, v, lens, o_part, lse_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+                h, h // k.shape[1], i, k.shape[2], self.num_splits, self.scale * math.log2(math.e))
+
+
+def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> _Plan:
     kernels = load_kernels("decode_kernels", "decode_attention")
     interpreted = is_interpreted(kernels.decode_split_kernel)
     check_device("decode_attention", interpreted, q.device)
-    dtype = q.dtype
-    if interpreted and dtype == torch.bfloat16:
+    if interpreted and q.dtype == torch.bfloat16:
         # numpy has no bfloat16, and the interpreter's stand-in computes it wrongly: work in float32
         q, k, v = q.float(), k.float(), v.float()
     b, h, i, d = q.shape
@@ -86,29 +122,51 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: f
     # zero columns change no score q k^T, and add output columns that are cut off again
     head_dim, head_dim_v = _kernel_head_dim(d), _kernel_head_dim(d_v)
     q, k, v = _fit_head_dim(q, head_dim), _fit_head_dim(k, head_dim), _fit_head_dim(v, head_dim_v)
-
     cfg = decode_config(q.dtype, interpreted)
-    block_m = row_block(g, i)
+    constants = dict(D=head_dim, DV=head_dim_v, BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
+                     HAS_LENS=lens is not None)
+    plan = _Plan(q, k, v, lens, scale, cfg, constants, num_splits or 2)
     if num_splits is None:
-        sm_count = 1 if interpreted else torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = choose_num_splits(b, h_kv, g, i, j, cfg.block_k, sm_count)
+        if interpreted:
+            num_splits = 1
+        else:
+            probe = q.new_empty(1, dtype=torch.float32)  # compiling needs arguments of the right types only
+            slots = _slots(kernels.decode_split_kernel, q.device, cfg, plan.chunk_args(probe, probe), constants)
+            num_splits = choose_num_splits(b, h_kv, g, i, j, cfg.block_k, slots)
     # more chunks than key tiles would only add empty ones: the result is the same without them
-    num_splits = max(1, min(num_splits, math.ceil(j / cfg.block_k), MAX_SPLITS))
+    plan.num_splits = max(1, min(num_splits, math.ceil(j / cfg.block_k), MAX_SPLITS))
+    return plan
 
-    o_part = q.new_empty(b, h, i, num_splits, head_dim_v, dtype=torch.float32)
-    lse_part = q.new_empty(b, h, i, num_splits, dtype=torch.float32)
-    lens_arg = lens if lens is not None else lse_part  # not read without lengths
-    grid = (num_splits, h_kv * math.ceil(g * i / block_m), b)
-    launch(kernels.decode_split_kernel, grid,
-        q, k, v, lens_arg, o_part, lse_part,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        h, g, i, j, num_splits, scale * math.log2(math.e),
-        D=head_dim, DV=head_dim_v, BLOCK_M=block_m, BLOCK_K=cfg.block_k, HAS_LENS=lens is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    o = q.new_empty(b, h, i, head_dim_v)
-    launch(kernels.decode_merge_kernel, (b * h * i,),
-        o_part, lse_part, o, *o.stride()[:3], h, i, num_splits,
-        DV=head_dim_v, BLOCK_S=max(2, 1 << (num_splits - 1).bit_length()),
-    )
-    return o[..., :d_v].to(dtype)
+
+def decode_num_splits(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None = None) -> int:
+    """The number of chunks ``triton_decode`` cuts the keys into for these inputs when it chooses."""
+    return _plan(q, k, v, lens, 1.0, None).num_splits
+
+
+def triton_decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> Tensor:
+    """Split-KV attention of ``q`` (b, h, i, d) against ``k`` (b, h_kv, j, d), ``v`` (b, h_kv, j, d_v).
+
+    ``lens`` (b,) integers in ``[0, j]`` or None for ``j``; ``num_splits``
+    None chooses (:func:`choose_num_splits`). Returns ``(b, h, i, d_v)`` in
+    the dtype of ``q``. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+    """
+    kernels = load_kernels("decode_kernels", "decode_attention")
+    plan = _plan(q, k, v, lens, scale, num_splits)
+    b, h, i, _ = q.shape
+    h_kv, splits, cfg = k.shape[1], plan.num_splits, plan.cfg
+    head_dim_v = plan.constants["DV"]
+    # one chunk: the chunk kernel's result is the output; more: float32 partial results, then the merge
+    o_part = plan.q.new_empty(b, h, i, splits, head_dim_v, dtype=torch.float32 if splits > 1 else plan.q.dtype)
+    lse_part = plan.q.new_empty(b, h, i, splits, dtype=torch.float32)
+    grid = (splits, h_kv * math.ceil(h // h_kv * i / plan.constants["BLOCK_M"]), b)
+    launch(kernels.decode_split_kernel, grid, *plan.chunk_args(o_part, lse_part), **plan.constants,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if splits == 1:
+        o = o_part.view(b, h, i, head_dim_v)
+    else:
+        o = plan.q.new_empty(b, h, i, head_dim_v)
+        launch(kernels.decode_merge_kernel, (b * h * i,),
+            o_part, lse_part, o, *o.stride()[:3], h, i, splits,
+            DV=head_dim_v, BLOCK_S=max(2, 1 << (splits - 1).bit_length()),
+        )
+    return o[..., : v.shape[3]].to(q.dtype)
