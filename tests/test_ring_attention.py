@@ -1,0 +1,337 @@
+"""ring_attention on 2 and 4 CPU processes over gloo, against FlashAttention on the full sequence; the layouts.
+
+The processes are started by the tests (torch.multiprocessing, spawn). Each
+draws the same full q, k, v and output gradient in float64, computes
+FlashAttention and its gradients on the whole sequence, and compares its
+own shard of them with what ring_attention gives it from its shards alone:
+causal and not, both layouts, grouped-query heads (h = 4, h_kv = 2),
+d != d_v, 3-D k/v, a chosen scale; a sub-group of two of four processes
+(whose ring must address its peers by their global ranks); a group of one
+process. The errors travel back to the pytest process, which asserts.
+
+In the pytest process: the single-process path (no process group), the
+round trip between a tensor and its shards and the errors for what a layout
+cannot cut, and the block rule (``block_pieces``): over a whole ring every
+pair that the causal rule shows is computed exactly once, and with the
+zigzag layout every rank computes as many score entries as every other.
+
+Without a GPU every block runs the tiled PyTorch code; the kernels of the
+CUDA path are checked here only for their calls (on meta tensors) and, for
+the Triton kernels, in Triton's interpreter. With GPUs, the same rings run
+over NCCL (float64, so on the tiled code: it tests the transfers between
+GPUs), and each block kernel of the CUDA path is compared on one GPU, in
+bfloat16, with the tiled code in float32.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from flashattn import FlashAttention, ring_attention, shard_sequence, unshard_sequence
+from flashattn.ring import block_backward, block_forward, block_pieces, shard_chunks, shard_positions
+
+# float64 against float64: both sides sum the same few dozen terms in a different order (the ring
+# merges partial softmaxes through exp(lse)): a few ulps of 1e-16; 1e-10 leaves room and still
+# catches any wrong block, mask or merge (those give errors of order 1).
+FLOAT64_REL = 1e-10
+SPAWN_TIMEOUT_S = 120.0
+CHUNK = 3  # rows per chunk: shards of 3 (contiguous) or 2 x 3 (zigzag) rows, so that no chunk is a single row
+# bfloat16 kernels against float32: their results are rounded to bf16 (unit roundoff 2^-9), and the fused
+# backward kernels round P and dS to bf16 before their products: a few roundoffs, 2^-5 with margin
+BFLOAT16_REL = 2**-5
+on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| / max |ref|."""
+    return ((x - ref).abs().max() / ref.abs().max()).item()
+
+
+def full_problem(b, h, h_kv, n, d, d_v, kv_3d=False, seed=0):
+    """The full q, k, v and output gradient, in float64, the same in every process."""
+    gen = torch.Generator().manual_seed(seed)
+    kv = (b, n) if kv_3d else (b, h_kv, n)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    return randn(b, h, n, d), randn(*kv, d), randn(*kv, d_v), randn(b, h, n, d_v)
+
+
+def shard_errors(full, rank, world, *, causal, layout, scale=None, group=None):
+    """Ring attention on this rank's shards against FlashAttention on the full sequence: errors of o, dq, dk, dv."""
+    q, k, v, do = full
+    dim = 2 if k.dim() == 4 else 1  # the sequence dimension of 3-D k, v
+    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    o = FlashAttention(causal, scale=scale)(qf, kf, vf)
+    o.backward(do)
+
+    def shard(t, dim=2):
+        return shard_sequence(t, rank, world, layout=layout, dim=dim)
+
+    qs, ks, vs = shard(q).requires_grad_(), shard(k, dim).requires_grad_(), shard(v, dim).requires_grad_()
+    os_ = ring_attention(qs, ks, vs, causal=causal, scale=scale, group=group, layout=layout)
+    os_.backward(shard(do))
+    return {
+        "o": rel_error(os_, shard(o)),
+        "dq": rel_error(qs.grad, shard(qf.grad)),
+        "dk": rel_error(ks.grad, shard(kf.grad, dim)),
+        "dv": rel_error(vs.grad, shard(vf.grad, dim)),
+    }
+
+
+def _child(rank: int, world: int, port: int, queue, backend: str) -> None:
+    """One process of the ring: runs every case and puts ``(rank, {case: {tensor: error}})`` on ``queue``."""
+    torch.set_num_threads(1)  # the processes share two cores
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if backend == "nccl":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        timeout=datetime.timedelta(seconds=60), device_id=device if backend == "nccl" else None,
+    )
+    errors = {}
+    try:
+        b, h, h_kv, d, d_v = 2, 4, 2, 8, 6
+        n = 2 * world * CHUNK
+        gqa = [t.to(device) for t in full_problem(b, h, h_kv, n, d, d_v)]
+        for layout in ("contiguous", "zigzag"):
+            for causal in (False, True):
+                errors[f"{layout} causal={causal}"] = shard_errors(gqa, rank, world, causal=causal, layout=layout)
+        kv_3d = [t.to(device) for t in full_problem(b, h, h_kv, n, d, d_v, kv_3d=True, seed=1)]
+        errors["zigzag causal 3-D k/v scale=0.3"] = shard_errors(
+            kv_3d, rank, world, causal=True, layout="zigzag", scale=0.3
+        )
+
+        # a group of one process: ring_attention is FlashAttention on the full tensors
+        singles = [dist.new_group([r]) for r in range(world)]  # every process takes part in creating each group
+        errors["group of one"] = shard_errors(gqa, 0, 1, causal=True, layout="zigzag", group=singles[rank])
+
+        if world == 4:
+            # ranks 1 and 3 form a ring of two: group ranks 0 and 1, global ranks 1 and 3
+            pair = dist.new_group([1, 3])
+            if rank in (1, 3):
+                errors["sub-group [1, 3] zigzag causal"] = shard_errors(
+                    gqa, dist.get_rank(pair), 2, causal=True, layout="zigzag", group=pair
+                )
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    queue.put((rank, errors))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ring(world: int, backend: str = "gloo") -> dict[int, dict]:
+    """Start ``world`` processes of ``_child``; a failure in one of them fails here with its traceback."""
+    queue = mp.get_context("spawn").SimpleQueue()
+    processes = mp.start_processes(_child, args=(world, _free_port(), queue, backend), nprocs=world, join=False)
+    deadline = time.monotonic() + SPAWN_TIMEOUT_S
+    while not processes.join(timeout=max(deadline - time.monotonic(), 0.1)):  # raises if a child raised
+        if time.monotonic() > deadline:
+            for p in processes.processes:
+                p.kill()
+            pytest.fail(f"the {world} ring processes did not finish within {SPAWN_TIMEOUT_S} s (a hang in the ring?)")
+    return dict(queue.get() for _ in range(world))
+
+
+def check_ring_results(results: dict[int, dict], world: int) -> None:
+    assert sorted(results) == list(range(world))
+    failures = [
+        f"rank {rank}, {case}: {name} error {error:.1e}"
+        for rank, cases in results.items()
+        for case, errs in cases.items()
+        for name, error in errs.items()
+        if not error < FLOAT64_REL  # NaN fails too
+    ]
+    worst = max(e for cases in results.values() for errs in cases.values() for e in errs.values())
+    print(f"world {world}: {sum(len(c) for c in results.values())} cases, worst error {worst:.1e}")
+    assert not failures, "\n".join(failures)
+    if world == 4:
+        assert all("sub-group [1, 3] zigzag causal" in results[r] for r in (1, 3))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_equals_full_attention_values_and_gradients(world):
+    check_ring_results(run_ring(world), world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_ring_over_nccl_equals_full_attention(world):
+    if torch.cuda.device_count() < world:
+        pytest.skip(f"needs {world} CUDA GPUs")
+    check_ring_results(run_ring(world, "nccl"), world)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_without_a_process_group_it_is_flash_attention(layout, causal):
+    assert not dist.is_initialized()
+    q, k, v, do = full_problem(2, 4, 2, 10, 8, 6)
+    ring = [t.clone().requires_grad_() for t in (q, k, v)]
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    o_ring = ring_attention(*ring, causal=causal, layout=layout)
+    o_full = FlashAttention(causal)(*full)
+    o_ring.backward(do)
+    o_full.backward(do)
+    for got, want in zip([o_ring] + [t.grad for t in ring], [o_full] + [t.grad for t in full]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("dim", [2, 0, -1])
+def test_shard_unshard_round_trip(layout, world, dim):
+    n = 2 * world * 3
+    shape = [2, 3, 5, 4]
+    shape[dim] = n
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(world))
+    shards = [shard_sequence(x, r, world, layout=layout, dim=dim) for r in range(world)]
+    assert all(s.shape[dim] == n // world for s in shards)
+    for r, s in enumerate(shards):  # each shard holds exactly the positions the layout gives it
+        assert torch.equal(s, x.index_select(dim % x.dim(), shard_positions(r, world, n, layout=layout)))
+    assert torch.equal(unshard_sequence(shards, layout=layout, dim=dim), x)
+
+
+def test_zigzag_gives_each_rank_an_early_and_a_late_chunk():
+    assert shard_chunks(0, 2, "zigzag") == [0, 3] and shard_chunks(1, 2, "zigzag") == [1, 2]
+    assert shard_positions(0, 2, 8, layout="zigzag").tolist() == [0, 1, 6, 7]
+    assert shard_positions(1, 2, 8, layout="zigzag").tolist() == [2, 3, 4, 5]
+    assert shard_positions(1, 2, 8, layout="contiguous").tolist() == [4, 5, 6, 7]
+
+
+def test_lengths_and_layouts_that_do_not_fit_raise():
+    x = torch.zeros(1, 1, 6, 2)
+    with pytest.raises(ValueError, match=r"length 6 .* 4 equal chunks"):
+        shard_sequence(x, 0, 4)
+    with pytest.raises(ValueError, match=r"length 6 .* 4 equal chunks .* 'zigzag'"):
+        shard_sequence(x, 0, 2, layout="zigzag")
+    with pytest.raises(ValueError, match="'ring'"):
+        shard_sequence(x, 0, 2, layout="ring")
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size\)"):
+        shard_sequence(x, 2, 2)
+    with pytest.raises(ValueError, match="one shape"):
+        unshard_sequence([x, x[:, :, :4]])
+    with pytest.raises(ValueError, match="'ring'"):
+        unshard_sequence([x, x], layout="ring")
+    with pytest.raises(ValueError, match=r"length 3 .* 'zigzag'"):
+        unshard_sequence([x[:, :, :3]], layout="zigzag")
+    q, k = torch.zeros(1, 2, 6, 4), torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="'diagonal'"):
+        ring_attention(q, q, q, layout="diagonal")
+    with pytest.raises(ValueError, match=r"one length .* \(1, 2, 6, 4\) .* \(1, 2, 4, 4\)"):
+        ring_attention(q, k, k)
+    with pytest.raises(ValueError, match=r"even, got q \(1, 2, 5, 4\)"):
+        ring_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], layout="zigzag")
+
+
+def _pairs_computed(rank, world, layout, chunk, causal):
+    """The (global query, global key) pairs that rank's pieces compute over the whole ring, and their count."""
+    q_pos = shard_positions(rank, world, 2 * world * chunk, layout=layout)
+    pairs = torch.zeros(2 * world * chunk, 2 * world * chunk, dtype=torch.int64)
+    per_rank_chunk = len(shard_chunks(0, world, layout))
+    for step in range(world):
+        src = (rank - step) % world
+        k_pos = shard_positions(src, world, 2 * world * chunk, layout=layout)
+        for rows, cols, piece_causal in block_pieces(
+            shard_chunks(rank, world, layout), shard_chunks(src, world, layout), 2 * chunk // per_rank_chunk, causal
+        ):
+            r = torch.arange(rows.start, rows.stop)[:, None]
+            c = torch.arange(cols.start, cols.stop)[None, :]
+            keep = (c <= r) if piece_causal else torch.ones_like(r * c, dtype=torch.bool)
+            pairs[q_pos[rows][:, None], k_pos[cols][None, :]] += keep.to(torch.int64)
+    return pairs[q_pos]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_pieces_compute_each_visible_pair_once(world, layout, causal):
+    chunk, n = 2, 2 * world * 2
+    visible = torch.ones(n, n, dtype=torch.int64)
+    if causal:
+        visible = visible.tril()
+    work = []
+    for rank in range(world):
+        pairs = _pairs_computed(rank, world, layout, chunk, causal)
+        assert torch.equal(pairs, visible[shard_positions(rank, world, n, layout=layout)])
+        work.append(int(pairs.sum()))
+    if causal and layout == "zigzag":  # balanced: every rank computes the same number of score entries
+        assert len(set(work)) == 1, work
+    if causal and layout == "contiguous" and world > 1:  # the last rank computes the most
+        assert work == sorted(work) and work[-1] > work[0], work
+
+
+@pytest.mark.parametrize("kernel", ["cudnn", "flash"])
+@pytest.mark.parametrize("causal, i, j", [(True, 8, 8), (False, 4, 8)])
+def test_fused_kernel_calls_on_meta_tensors(kernel, causal, i, j):
+    """The calls of PyTorch's fused kernels (CUDA only) take these arguments and give back these shapes."""
+    b, h, h_kv, d = 2, 4, 2, 16
+
+    def meta(*shape, dtype=torch.bfloat16):
+        return torch.empty(*shape, device="meta", dtype=dtype)
+
+    q, k, v = meta(b, h, i, d), meta(b, h_kv, j, d), meta(b, h_kv, j, d)
+    o, lse = block_forward(q, k, v, causal, 0.25, kernel)
+    assert (o.shape, o.dtype, lse.shape, lse.dtype) == ((b, h, i, d), torch.bfloat16, (b, h, i), torch.float32)
+    dq, dk, dv = block_backward(meta(b, h, i, d), q, k, v, o, lse, causal, 0.25, kernel)
+    assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, v.shape]
+    assert {t.dtype for t in (dq, dk, dv)} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("scale", [0.3, -0.3])
+@pytest.mark.parametrize("causal, i, j", [(True, 12, 12), (False, 6, 12)])
+def test_triton_block_kernel_equals_tiled(scale, causal, i, j):
+    """The Triton path of the blocks (padded head dimensions, a negative scale, GQA), in the interpreter."""
+    from flashattn.triton.attention import _kernels
+    from flashattn.triton.runtime import is_interpreted
+
+    if not is_interpreted(_kernels().attn_fwd_kernel):
+        pytest.skip("the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(3)
+    q, k = torch.randn(1, 4, i, 8, generator=gen), torch.randn(1, 2, j, 8, generator=gen)
+    v = torch.randn(1, 2, j, 6, generator=gen)
+    do = torch.randn(1, 4, i, 6, generator=gen)
+    o, lse = block_forward(q, k, v, causal, scale, "triton")
+    o_ref, lse_ref = block_forward(q, k, v, causal, scale, "tiled")
+    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=0)
+    grads = block_backward(do, q, k, v, o_ref, lse_ref, causal, scale, "triton")
+    grads_ref = block_backward(do, q, k, v, o_ref, lse_ref, causal, scale, "tiled")
+    for got, want in zip(grads, grads_ref):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@on_cuda
+@pytest.mark.parametrize("kernel", ["cudnn", "flash", "triton"])
+@pytest.mark.parametrize("causal, i, j", [(True, 256, 256), (False, 128, 256)])
+def test_cuda_block_kernels_equal_tiled_float32(kernel, causal, i, j):
+    """Each block kernel of the CUDA path: values, log-sum-exp and gradients, with GQA and a chosen scale."""
+    gen = torch.Generator().manual_seed(5)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to("cuda", torch.bfloat16)
+
+    q, k, v, do = randn(2, 8, i, 64), randn(2, 4, j, 64), randn(2, 4, j, 64), randn(2, 8, i, 64)
+    o, lse = block_forward(q, k, v, causal, 0.1, kernel)
+    o_ref, lse_ref = block_forward(q.float(), k.float(), v.float(), causal, 0.1, "tiled")
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == (2, 8, i)
+    assert rel_error(o.float(), o_ref) < BFLOAT16_REL
+    assert (lse - lse_ref).abs().max().item() < 1e-2  # lse is computed in float32 from bf16 inputs
+    grads = block_backward(do, q, k, v, o, lse, causal, 0.1, kernel)
+    grads_ref = block_backward(do.float(), q.float(), k.float(), v.float(), o_ref, lse_ref, causal, 0.1, "tiled")
+    for name, got, want in zip(("dq", "dk", "dv"), grads, grads_ref):
+        assert got.shape == want.shape and got.dtype == torch.bfloat16, name
+        assert rel_error(got.float(), want) < BFLOAT16_REL, name
