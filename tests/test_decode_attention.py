@@ -18,7 +18,7 @@ import torch
 
 from flashattn import FlashAttention, decode_attention
 from flashattn.decoding import split_kv_attention
-from flashattn.triton.decoding import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, row_block
+from flashattn.triton.decoding import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, row_block, specialization
 from flashattn.triton.runtime import is_interpreted, load_kernels
 from reference import reference_attention
 
@@ -222,6 +222,20 @@ def test_number_of_splits_chosen():
     assert choose_num_splits(64, 32, 1, 1, 4096, 64, slots) == 1
     assert choose_num_splits(1, 1, 1, 1, 10**7, 64, 10**6) == MAX_SPLITS
     assert row_block(4, 1) == 16 and row_block(8, 4) == 32 and row_block(32, 4) == 64
+
+
+def test_programs_per_sm_are_read_per_compiled_variant():
+    """One query and four compile to different code (Triton specialises i == 1), with different registers.
+
+    The number of programs that fit on an SM is cached per compiled variant: a
+    cache keyed without the specialisation reused one query's count for four
+    queries, and gave them more chunks than one wave holds.
+    """
+    one = (7, 1, 4096, 2.5)  # a stride, i = 1, j = 4096, and a float, which is not specialised
+    four = (7, 4, 4096, 2.5)
+    assert specialization(one) != specialization(four)
+    assert specialization(one) == ((False, False), (True, False), (False, True))
+    assert specialization((7, 4, 4096)) == specialization((9, 4, 4112))  # the same variant
 
 
 # --- on the GPU: the kernels at decoding sizes, against SDPA's own bf16 error

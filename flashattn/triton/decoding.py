@@ -67,13 +67,24 @@ def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, s
     return max(1, min(WAVES * slots // programs, most, MAX_SPLITS))
 
 
+def specialization(args: tuple) -> tuple:
+    """What Triton compiles a separate variant of a kernel for, in these arguments.
+
+    Triton specialises each integer argument on whether it equals 1 and
+    whether it is a multiple of 16 (and pointers on 16-byte alignment,
+    which PyTorch's allocator gives): one query (``i == 1``) compiles to
+    other code, with other registers, than four.
+    """
+    return tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int) and not isinstance(a, bool))
+
+
 def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
     """Programs of the chunk kernel that the GPU runs at once: SMs times how many fit on one SM.
 
     What fits is read from the compiled kernel (its registers and shared
     memory) against the SM's budget, once per compiled variant.
     """
-    key = (device.index, cfg, tuple(sorted(constants.items())), args[0].dtype)
+    key = (device.index, cfg, tuple(sorted(constants.items())), args[0].dtype, specialization(args))
     if key not in _resident:
         import triton
 
