@@ -1,8 +1,13 @@
-"""FlashAttention-2 as Triton kernels: the kernels, their launch table, and the autograd function around them.
+"""The package's Triton kernels: FlashAttention-2, split-KV decoding, and what loads and launches them.
 
 - :mod:`flashattn.triton.kernels`: the forward kernel and the backward's three kernels.
 - :mod:`flashattn.triton.launch`: tile sizes, warps and stages per GPU and problem.
 - :mod:`flashattn.triton.attention`: ``triton_attention`` and ``triton_forward``.
+- :mod:`flashattn.triton.decode_kernels`, :mod:`flashattn.triton.decoding`: the
+  split-KV chunk and merge kernels behind ``flashattn.decode_attention``, and their launch.
+- :mod:`flashattn.triton.runtime`: loading the kernel modules, launching on a GPU
+  or through Triton's interpreter.
+- :mod:`flashattn.triton.empty_rows`: zeroing the output rows that have no key.
 
 Importing this package does not import triton: the kernels are imported on
 the first call, so ``flashattn`` works without triton installed.
