@@ -33,8 +33,7 @@ class DecodeConfig:
 # Measured on the H200 by benchmarks/bench_decode.py --tune (benchmarks/results/decode-tune-h200.json):
 # a decoding program streams K and V and does little arithmetic, so what counts is the bytes in
 # flight on each SM; two stages of 64-key tiles let four or five programs share an SM (four queries
-# need more registers than one). The same shapes fit
-# an A100's shared memory.
+# need more registers than one). The same shapes fit an A100's shared memory.
 _CONFIG_16BIT = DecodeConfig(block_k=64, num_warps=4, num_stages=2)
 _CONFIG_FLOAT32 = DecodeConfig(block_k=32, num_warps=4, num_stages=2)
 _CONFIG_INTERPRETER = DecodeConfig(block_k=64, num_warps=4, num_stages=1)
