@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from typing import Callable
 
@@ -51,6 +50,7 @@ from triton.testing import do_bench, do_bench_cudagraph
 
 import flashattn.triton.decoding as decoding
 from flashattn import decode_attention, triton_attention
+from accuracy import plain_attention
 from runinfo import run_info
 
 DEVICE = torch.device("cuda")
@@ -111,13 +111,7 @@ def attention(provider: str, i: int, j: int, h_kv: int) -> Callable | None:
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Float64 attention of sequence 0 (b = 1), bottom-right causal."""
-    q, k, v = (t[:1].double() for t in (q, k, v))
-    g = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    i, j = q.shape[2], k.shape[2]
-    s = (q @ k.transpose(-1, -2)) * D**-0.5  # (1, h, i, j)
-    keep = torch.arange(j, device=q.device)[None, :] <= torch.arange(i, device=q.device)[:, None] + (j - i)
-    return torch.softmax(s.masked_fill(~keep, -math.inf), dim=-1) @ v
+    return plain_attention(*(t[:1].double() for t in (q, k, v)), causal=True)
 
 
 def time_graph(fn: Callable, rep: int) -> float:

@@ -25,9 +25,9 @@ from torch.autograd.function import FunctionCtx
 from .inputs import prepare
 from .online_softmax import finite_or_zero, merge_partials
 from .tiles import tile_slices
+from .triton.launch import KERNEL_DTYPES, MIN_CAPABILITY
 
 CPU_CHUNK = 4096  # keys per chunk on the CPU when num_splits is None: bounds the score buffer
-_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _attend_chunk(s: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -109,7 +109,7 @@ def _check_num_splits(num_splits: int | None) -> int | None:
 
 def _uses_kernels(q: Tensor) -> bool:
     """Whether the Triton kernels can take ``q``: a CUDA GPU of capability 8.0+, or the CPU under the interpreter."""
-    if q.dtype not in _KERNEL_DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         return False
     try:
         from .triton.runtime import is_interpreted, load_kernels
@@ -118,7 +118,7 @@ def _uses_kernels(q: Tensor) -> bool:
     except ImportError:
         return False  # no triton: the PyTorch code computes the same
     if q.device.type == "cuda":
-        return not interpreted and torch.cuda.get_device_capability(q.device) >= (8, 0)
+        return not interpreted and torch.cuda.get_device_capability(q.device) >= MIN_CAPABILITY
     return interpreted and q.device.type == "cpu"
 
 

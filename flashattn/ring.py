@@ -46,13 +46,12 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .attention import FlashAttention
 from .inputs import check_flag, prepare
 from .online_softmax import merge_partials
-from .tiled import tiled_backward_two_pass, tiled_forward_fa2
+from .tiled import _load_kv, _sum_groups, tiled_backward_two_pass, tiled_forward_fa2
+from .triton.launch import fits_kernels
 
 LAYOUTS = ("contiguous", "zigzag")
 # the block kernels: PyTorch's fused cuDNN and FlashAttention-2 kernels, the package's Triton kernels, the tiled code
 KERNELS = ("cudnn", "flash", "triton", "tiled")
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TRITON_MAX_HEAD_DIM = 256
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,23 +214,10 @@ def pick_block_kernel(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: floa
         return "cudnn"
     if aligned and choice == SDPBackend.FLASH_ATTENTION.value:
         return "flash"
-    fits_triton = (
-        q.dtype in _TRITON_DTYPES
-        and max(q.shape[-1], v.shape[-1]) <= _TRITON_MAX_HEAD_DIM
-        and torch.cuda.get_device_capability(q.device) >= (8, 0)
-        and importlib.util.find_spec("triton") is not None
+    fits_triton = importlib.util.find_spec("triton") is not None and fits_kernels(
+        q.device, q.dtype, q.shape[-1], v.shape[-1]
     )
     return "triton" if fits_triton else "tiled"
-
-
-def _repeat_heads(t: Tensor, group: int) -> Tensor:
-    """``(b, h_kv, n, ·)`` -> ``(b, h, n, ·)``: query head ``m`` reads key/value head ``m // group``."""
-    return t if group == 1 else t.repeat_interleave(group, dim=1)
-
-
-def _sum_heads(t: Tensor, group: int) -> Tensor:
-    """``(b, h, n, ·)`` -> ``(b, h_kv, n, ·)``: a key/value head's gradient sums over the query heads it serves."""
-    return t if group == 1 else t.unflatten(1, (-1, group)).sum(dim=2)
 
 
 @functools.cache
@@ -262,7 +248,8 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, k
         return o[..., : p.d_v].to(p.dtype), lse
     group = q.shape[1] // k.shape[1]
     # the fused kernels want one key/value head per query head and packed inputs
-    q, k, v = q.contiguous(), _repeat_heads(k, group).contiguous(), _repeat_heads(v, group).contiguous()
+    every = slice(None)  # the whole shard, repeated for the query heads of each group
+    q, k, v = q.contiguous(), _load_kv(k, every, group).contiguous(), _load_kv(v, every, group).contiguous()
     if kernel == "cudnn":
         o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
     elif kernel == "flash":
@@ -299,7 +286,8 @@ def block_backward(
     group = q.shape[1] // k.shape[1]
     i, j = q.shape[2], k.shape[2]
     q, do, o = q.contiguous(), do.contiguous(), o.contiguous()
-    k, v = _repeat_heads(k, group).contiguous(), _repeat_heads(v, group).contiguous()
+    every = slice(None)  # the whole shard, repeated for the query heads of each group
+    k, v = _load_kv(k, every, group).contiguous(), _load_kv(v, every, group).contiguous()
     lse = lse.float().contiguous()
     if kernel == "cudnn":
         stats = lse.unsqueeze(-1) if _cudnn_lse_has_unit_dim() else lse
@@ -319,7 +307,7 @@ def block_backward(
         )
     else:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return dq, _sum_heads(dk, group), _sum_heads(dv, group)
+    return dq, _sum_groups(dk, group), _sum_groups(dv, group)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -26,11 +26,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_forward_fa2
-from .launch import PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
+from .launch import KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
 from .runtime import check_device, is_interpreted, launch, load_kernels
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_MAX_HEAD_DIM = 256
 
 
 def _kernels() -> ModuleType:
@@ -172,12 +169,12 @@ class _Prepared:
 def _prepare(q: Tensor, x: Prepared) -> _Prepared:
     """Check the inputs and bring them to the form the kernels read (see ``_TritonAttention``)."""
     k, v, scale = x.k, x.v, x.scale
-    if q.dtype not in _DTYPES:
+    if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"triton_attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
     d, d_v = q.shape[-1], v.shape[-1]
-    if max(d, d_v) > _MAX_HEAD_DIM:
+    if max(d, d_v) > MAX_HEAD_DIM:
         raise ValueError(
-            f"triton_attention takes head dimensions up to {_MAX_HEAD_DIM}, got d = {d} and d_v = {d_v} "
+            f"triton_attention takes head dimensions up to {MAX_HEAD_DIM}, got d = {d} and d_v = {d_v} "
             f"(q {tuple(q.shape)}, v {tuple(v.shape)})"
         )
     interpreted = is_interpreted(_kernels().attn_fwd_kernel)

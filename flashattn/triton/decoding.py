@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 from torch import Tensor
@@ -102,6 +103,7 @@ def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constan
 class _Plan:
     """The inputs in the form the kernels read, and how they are launched."""
 
+    kernels: ModuleType
     q: Tensor
     k: Tensor
     v: Tensor
@@ -136,7 +138,7 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, nu
     cfg = decode_config(q.dtype, interpreted)
     constants = dict(D=head_dim, DV=head_dim_v, BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
                      HAS_LENS=lens is not None)
-    plan = _Plan(q, k, v, lens, scale, cfg, constants, num_splits or 2)
+    plan = _Plan(kernels, q, k, v, lens, scale, cfg, constants, num_splits or 2)
     if num_splits is None:
         if interpreted:
             num_splits = 1
@@ -161,8 +163,8 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: f
     None chooses (:func:`choose_num_splits`). Returns ``(b, h, i, d_v)`` in
     the dtype of ``q``. CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
     """
-    kernels = load_kernels("decode_kernels", "decode_attention")
     plan = _plan(q, k, v, lens, scale, num_splits)
+    kernels = plan.kernels
     b, h, i, _ = q.shape
     h_kv, splits, cfg = k.shape[1], plan.num_splits, plan.cfg
     head_dim_v = plan.constants["DV"]

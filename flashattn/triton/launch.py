@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 MIN_CAPABILITY = (8, 0)
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # padded head dimensions above this do not fit the tiles in shared memory
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,15 @@ def check_capability(device: torch.device) -> None:
             f"or newer (Ampere or later); {device} ({torch.cuda.get_device_name(device)}) has "
             f"{capability[0]}.{capability[1]}. tiled_attention and FlashAttention compute the same function there."
         )
+
+
+def fits_kernels(device: torch.device, dtype: torch.dtype, d: int, d_v: int) -> bool:
+    """Whether the package's Triton kernels take inputs of ``dtype`` with head dimensions ``d``, ``d_v`` on CUDA ``device``."""
+    return (
+        dtype in KERNEL_DTYPES
+        and max(d, d_v) <= MAX_HEAD_DIM
+        and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+    )
 
 
 def table_key(device: torch.device, head_dim: int, i: int, j: int) -> tuple[str, int, str]:
