@@ -7,10 +7,10 @@ are merged with :func:`flashattn.merge_partials`. The split gives a GPU
 enough independent work when there are too few queries to fill it; the
 merge makes the result exact.
 
-On CUDA (compute capability 8.0 or newer, triton installed) the chunks are
-attended by the Triton kernels of :mod:`flashattn.triton.decode_kernels`;
+On CUDA (compute capability 8.0 or newer, triton installed, head dimensions
+up to 256) the chunks are attended by the Triton kernels of :mod:`flashattn.triton.decode_kernels`;
 under ``TRITON_INTERPRET=1`` the same kernels run on CPU tensors. Elsewhere
-(the CPU, float64, older GPUs) :func:`split_kv_attention` runs the same
+(the CPU, float64, older GPUs, heads wider than 256) :func:`split_kv_attention` runs the same
 algorithm in PyTorch.
 """
 
@@ -25,7 +25,7 @@ from torch.autograd.function import FunctionCtx
 from .inputs import prepare
 from .online_softmax import finite_or_zero, merge_partials
 from .tiles import tile_slices
-from .triton.launch import KERNEL_DTYPES, MIN_CAPABILITY
+from .triton.launch import KERNEL_DTYPES, MAX_HEAD_DIM, fits_kernels
 
 CPU_CHUNK = 4096  # keys per chunk on the CPU when num_splits is None: bounds the score buffer
 
@@ -107,9 +107,14 @@ def _check_num_splits(num_splits: int | None) -> int | None:
     return num_splits
 
 
-def _uses_kernels(q: Tensor) -> bool:
-    """Whether the Triton kernels can take ``q``: a CUDA GPU of capability 8.0+, or the CPU under the interpreter."""
-    if q.dtype not in KERNEL_DTYPES:
+def _uses_kernels(q: Tensor, d_v: int) -> bool:
+    """Whether the Triton kernels can take ``q`` and values of width ``d_v``.
+
+    On a CUDA GPU when :func:`~flashattn.triton.launch.fits_kernels` says so
+    (capability 8.0+, float16/bfloat16/float32, head dimensions up to 256),
+    or on the CPU under the interpreter for the same dtypes and sizes.
+    """
+    if q.dtype not in KERNEL_DTYPES or max(q.shape[-1], d_v) > MAX_HEAD_DIM:
         return False
     try:
         from .triton.runtime import is_interpreted, load_kernels
@@ -118,13 +123,13 @@ def _uses_kernels(q: Tensor) -> bool:
     except ImportError:
         return False  # no triton: the PyTorch code computes the same
     if q.device.type == "cuda":
-        return not interpreted and torch.cuda.get_device_capability(q.device) >= MIN_CAPABILITY
+        return not interpreted and fits_kernels(q.device, q.dtype, q.shape[-1], d_v)
     return interpreted and q.device.type == "cpu"
 
 
 def _decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> Tensor:
     """The Triton kernels where they run, else the same algorithm in PyTorch."""
-    if _uses_kernels(q):
+    if _uses_kernels(q, v.shape[-1]):
         from .triton.decoding import triton_decode
 
         return triton_decode(q, k, v, lens, scale, num_splits)

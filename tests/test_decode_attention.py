@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from flashattn import FlashAttention, decode_attention
-from flashattn.decoding import split_kv_attention
+from flashattn.decoding import _uses_kernels, split_kv_attention
 from flashattn.triton.decoding import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, row_block, specialization
 from flashattn.triton.runtime import is_interpreted, load_kernels
 from reference import reference_attention
@@ -132,6 +132,14 @@ def test_16_bit_inputs(dtype):
     o = decode_attention(q, k, v, lens, num_splits=2)
     assert o.dtype == dtype
     assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[dtype]
+
+
+def test_head_dimensions_past_the_kernels_take_the_pytorch_path():
+    """The kernels' tiles hold head dimensions up to 256; wider heads are computed by the PyTorch code."""
+    lens = torch.tensor([20, 7])
+    q, k, v = make_cache(2, 2, 1, 2, 20, 300, 16, lens, seed=11)
+    assert not _uses_kernels(q, v.shape[-1]) and _uses_kernels(q[..., :256], v.shape[-1]) == INTERPRETED
+    assert rel_error(decode_attention(q, k, v, lens), reference_decode(q, k, v, lens)) < TOLERANCE[torch.float32]
 
 
 def test_queries_without_keys_give_zeros():
