@@ -1,0 +1,233 @@
+"""What each Hopper change buys: the kernels of flashattn/triton/hopper_kernels.py against today's, kernel by kernel.
+
+For every point of the grid (bf16, 16k tokens per batch, width 2048, d = 64
+and 128, causal and not, n from 1k to 16k) it times, with
+``triton.testing.do_bench`` (median):
+
+- ``pointers``: today's kernels (``kernels.py``) at the launch table's configs:
+  the forward, and the backward's three passes;
+- ``tma``: the same algorithm with tiles moved by TMA descriptors
+  (``attn_fwd_tma_kernel``, ``attn_bwd_dkdv_tma_kernel``, ``attn_bwd_dq_tma_kernel``),
+  each at several launches, with and without warp-specialised loops;
+- ``fused``: the backward in one pass, dQ summed by atomic additions
+  (``attn_bwd_fused_kernel``), at several launches;
+- ``cudnn``: SDPA's cuDNN kernel, forward and forward + backward, as the anchor.
+
+Every candidate's output is compared with today's kernel's on the same
+inputs before it is timed (relative error over the largest value); a
+candidate that fails to compile or differs by more than 1e-2 is recorded and
+not timed. Compiling the candidates takes minutes; ``--jobs N`` does it
+first in N processes, into Triton's on-disk cache.
+
+    python benchmarks/tune_hopper.py --jobs 14 --out benchmarks/results/hopper-steps-h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import astuple
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
+
+from flashattn.triton import attention as pointers
+from flashattn.triton import hopper
+from flashattn.triton.hopper import HopperLaunch
+from flashattn.triton.launch import pick_configs
+from runinfo import run_info
+
+DEVICE = torch.device("cuda")
+TOKENS, WIDTH = 16384, 2048
+TOLERANCE = 1e-2  # relative difference from today's kernel: both round to bf16 (2^-8 relative) at the end
+
+
+def _launches(*rows: tuple[int, int, int, int, bool]) -> list[HopperLaunch]:
+    return [HopperLaunch(*row) for row in rows]
+
+
+# (block_q, block_k, num_warps, num_stages, warp_specialize); for dK/dV and the fused pass, block_k is
+# the tile a program owns and block_q the tile it streams
+CANDIDATES: dict[str, list[HopperLaunch]] = {
+    "fwd": _launches(
+        (128, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
+        (64, 64, 4, 3, False), (128, 64, 4, 4, False),
+        (128, 64, 4, 2, True), (128, 64, 4, 3, True), (128, 128, 4, 2, True), (128, 64, 8, 2, True),
+        (128, 128, 8, 2, True), (128, 128, 8, 3, True),
+    ),
+    "dkdv": _launches(
+        (64, 128, 8, 2, False), (64, 128, 8, 3, False), (32, 128, 8, 3, False), (32, 64, 4, 3, False),
+        (64, 128, 8, 2, True), (32, 128, 8, 2, True),
+    ),
+    "dq": _launches(
+        (128, 64, 8, 3, False), (128, 64, 8, 2, False), (128, 128, 8, 2, False), (64, 64, 4, 3, False),
+        (128, 64, 8, 2, True), (128, 64, 4, 2, True),
+    ),
+    "fused": _launches(
+        (64, 128, 8, 2, False), (64, 128, 8, 3, False), (32, 128, 8, 3, False), (64, 64, 4, 3, False),
+        (64, 128, 8, 2, True), (32, 128, 8, 2, True),
+    ),
+}
+
+
+def inputs(b: int, h: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return tuple(torch.randn((b, h, n, d), generator=g, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
+
+
+def today(q, k, v, do, causal: bool, scale: float):
+    """Today's kernels: o, lse, delta, and the gradients, at the launch table's configs."""
+    cfg = pick_configs(DEVICE, q.dtype, q.shape[-1], q.shape[2], k.shape[2])
+    o, lse = pointers._forward(q, k, v, causal, scale, cfg.fwd)
+    delta = pointers._backward_preprocess(o, do)
+    dk, dv = pointers._backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv)
+    dq = pointers._backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq)
+    return cfg, o, lse, delta, dq, dk, dv
+
+
+def candidate(kernel: str, cfg: HopperLaunch, q, k, v, do, lse, delta, causal: bool, scale: float):
+    """fn() running one candidate, whose results are (o,) or (dk, dv) or (dq,) or (dq, dk, dv)."""
+    if kernel == "fwd":
+        return lambda: hopper.forward(q, k, v, causal, scale, cfg)[:1]
+    if kernel == "dkdv":
+        return lambda: hopper.backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg)
+    if kernel == "dq":
+        return lambda: (hopper.backward_dq(q, k, v, do, lse, delta, causal, scale, cfg),)
+    return lambda: hopper.backward_fused(q, k, v, do, lse, delta, causal, scale, cfg)
+
+
+def compile_task(task: tuple) -> tuple[tuple, str | None]:
+    """Run one candidate once on a small problem with the grid's divisibility, leaving it in Triton's cache."""
+    kernel, d, causal, row = task
+    try:
+        q, k, v, do = inputs(1, 16, 256, d)
+        scale = d**-0.5
+        if kernel == "today":  # the launch table's rows for short and for long sequences
+            today(q, k, v, do, causal, scale)
+            today(*inputs(1, 16, 4096, d), causal, scale)
+        else:
+            _, o, lse, delta, *_ = today(q, k, v, do, causal, scale)
+            candidate(kernel, HopperLaunch(*row), q, k, v, do, lse, delta, causal, scale)()
+        torch.cuda.synchronize()
+        return task, None
+    except Exception as error:  # noqa: BLE001 - recorded, and the candidate is skipped
+        return task, f"{type(error).__name__}: {str(error).strip().splitlines()[-1][:300]}"
+
+
+def rel_diff(xs, refs) -> float:
+    return max(((x.float() - r.float()).abs().max() / r.float().abs().max()).item() for x, r in zip(xs, refs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", help="where to write the JSON results")
+    parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--jobs", type=int, default=0, help="processes that compile every candidate first")
+    parser.add_argument("--rep", type=int, default=60, help="milliseconds of timing per measurement")
+    args = parser.parse_args()
+
+    tasks = [("today", d, causal, None) for d in args.d for causal in (False, True)]
+    tasks += [(kernel, d, causal, astuple(cfg)) for kernel, cfgs in CANDIDATES.items() for cfg in cfgs
+              for d in args.d for causal in (False, True)]
+    failed: dict[tuple, str] = {}
+    start = time.perf_counter()
+    if args.jobs:
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for task, error in pool.map(compile_task, tasks):
+                if error:
+                    failed[task] = error
+    print(f"compiled {len(tasks)} kernels in {time.perf_counter() - start:.0f} s; {len(failed)} failed", flush=True)
+    for task, error in failed.items():
+        print("  failed:", task, error, flush=True)
+
+    rows = []
+    for d in args.d:
+        for causal in (False, True):
+            for n in args.n:
+                b, h = TOKENS // n, WIDTH // d
+                q, k, v, do = inputs(b, h, n, d)
+                scale = d**-0.5
+                cfg, o, lse, delta, dq, dk, dv = today(q, k, v, do, causal, scale)
+                refs = {"fwd": (o,), "dkdv": (dk, dv), "dq": (dq,), "fused": (dq, dk, dv)}
+                point = dict(d=d, causal=causal, n=n, b=b, h=h)
+
+                def timed(fn, grads=None) -> float:
+                    return do_bench(fn, warmup=25, rep=args.rep, grad_to_none=grads, return_mode="median")
+
+                qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                    cudnn_fwd = timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal))
+                    cudnn_both = timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(do),
+                                       grads=[qg, kg, vg])
+                rows.append(dict(point, kernel="fwd", path="cudnn", ms=cudnn_fwd))
+                rows.append(dict(point, kernel="bwd", path="cudnn", ms=cudnn_both - cudnn_fwd))
+                rows.append(dict(point, kernel="fwd", path="pointers", config=astuple(cfg.fwd),
+                                 ms=timed(lambda: pointers._forward(q, k, v, causal, scale, cfg.fwd))))
+                rows.append(dict(point, kernel="preprocess", path="pointers",
+                                 ms=timed(lambda: pointers._backward_preprocess(o, do))))
+                rows.append(dict(point, kernel="dkdv", path="pointers", config=astuple(cfg.dkdv), ms=timed(
+                    lambda: pointers._backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv))))
+                rows.append(dict(point, kernel="dq", path="pointers", config=astuple(cfg.dq), ms=timed(
+                    lambda: pointers._backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq))))
+                for kernel, cfgs in CANDIDATES.items():
+                    for launch in cfgs:
+                        row = dict(point, kernel=kernel, path="fused" if kernel == "fused" else "tma",
+                                   config=astuple(launch))
+                        error = failed.get((kernel, d, causal, astuple(launch)))
+                        if error is None:
+                            fn = candidate(kernel, launch, q, k, v, do, lse, delta, causal, scale)
+                            try:
+                                row["diff"] = rel_diff(fn(), refs[kernel])
+                                if row["diff"] <= TOLERANCE:
+                                    row["ms"] = timed(fn)
+                                else:
+                                    row["error"] = f"differs from today's kernel by {row['diff']:.3g}"
+                            except Exception as exc:  # noqa: BLE001
+                                row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
+                        else:
+                            row["error"] = error
+                        rows.append(row)
+                report(rows, point)
+
+    if args.out:
+        result = run_info(dtype="bfloat16", tokens=TOKENS, width=WIDTH, n=args.n, d=args.d)
+        result.update(timing="triton.testing.do_bench, median", tolerance=TOLERANCE, rows=rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print("wrote", args.out)
+
+
+def report(rows: list[dict], point: dict) -> None:
+    """One line per point: today's and the best candidates' times, against cuDNN."""
+    here = [r for r in rows if all(r[key] == point[key] for key in ("d", "causal", "n")) and "ms" in r]
+
+    def best(kernel: str, path: str, ws: bool | None = None) -> float:
+        times = [r["ms"] for r in here if r["kernel"] == kernel and r["path"] == path
+                 and (ws is None or r["config"][4] == ws)]
+        return min(times) if times else float("nan")
+
+    def fastest(*times: float) -> float:
+        return min((t for t in times if t == t), default=float("nan"))
+
+    fwd = {"cudnn": best("fwd", "cudnn"), "today": best("fwd", "pointers"),
+           "tma": best("fwd", "tma", False), "tma+ws": best("fwd", "tma", True)}
+    pre = best("preprocess", "pointers")
+    bwd = {"cudnn": best("bwd", "cudnn"), "today": pre + best("dkdv", "pointers") + best("dq", "pointers"),
+           "tma": pre + best("dkdv", "tma") + best("dq", "tma"), "fused": pre + best("fused", "fused")}
+    print(f"d={point['d']} causal={point['causal']} n={point['n']}: fwd ms "
+          + " ".join(f"{k} {v:.3f}" for k, v in fwd.items())
+          + " | bwd ms " + " ".join(f"{k} {v:.3f}" for k, v in bwd.items())
+          + f" | fwd vs cudnn today {fwd['cudnn'] / fwd['today']:.2f} best {fwd['cudnn'] / fastest(fwd['today'], fwd['tma'], fwd['tma+ws']):.2f}"
+          + f" | fwd+bwd vs cudnn today {(fwd['cudnn'] + bwd['cudnn']) / (fwd['today'] + bwd['today']):.2f}"
+          + f" best {(fwd['cudnn'] + bwd['cudnn']) / (fastest(fwd['today'], fwd['tma'], fwd['tma+ws']) + fastest(bwd['today'], bwd['tma'], bwd['fused'])):.2f}",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The launch of the Hopper kernels (:mod:`flashattn.triton.hopper_kernels`): when they apply, and how they are called.
+
+``triton_attention`` takes this path on GPUs of compute capability 9.x for
+float16 and bfloat16 inputs whose layout a TMA descriptor can describe
+(``tma_fits``); every other call runs the kernels of
+:mod:`flashattn.triton.kernels`, as before. The kernels create their
+descriptors on the GPU, in a small workspace of global memory that Triton
+asks for at each launch: ``_use_torch_allocator`` lets it come from
+PyTorch's caching allocator (so it is recorded in a CUDA graph like any
+other tensor).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from .runtime import is_interpreted, launch, load_kernels
+
+TMA_ALIGNMENT = 16  # bytes: a descriptor's base address and row stride must be multiples of this
+TMA_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class HopperLaunch:
+    """How one Hopper kernel is launched: tiles, warps, pipeline stages, and whether its loop is warp-specialised."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool
+
+
+def _kernels() -> ModuleType:
+    return load_kernels("hopper_kernels", "triton_attention")
+
+
+def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _use_torch_allocator() -> None:
+    """Give Triton PyTorch's allocator for the descriptors' workspace, unless the program has set one of its own."""
+    import triton
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_workspace)
+
+
+def tma_fits(*tensors: Tensor) -> bool:
+    """Whether TMA descriptors can describe the row-major matrices of every (batch, head) of ``tensors``.
+
+    Each is ``(b, heads, rows, cols)`` with a unit last stride; the first
+    element of every (batch, head) and every row must start on a multiple
+    of 16 bytes.
+    """
+    for t in tensors:
+        if t.dtype not in TMA_DTYPES or t.stride(-1) != 1:
+            return False
+        size = t.element_size()
+        if t.data_ptr() % TMA_ALIGNMENT or any(s * size % TMA_ALIGNMENT for s in t.stride()[:3]):
+            return False
+    return True
+
+
+def _run(name: str, grid: tuple[int, int, int], cfg: HopperLaunch, *args: object, **kwargs: object) -> None:
+    kernel = getattr(_kernels(), name)
+    if not is_interpreted(kernel):  # the interpreter keeps its descriptors in host memory
+        _use_torch_allocator()
+    launch(kernel, grid, *args, **kwargs, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
+           WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: HopperLaunch) -> tuple[Tensor, Tensor]:
+    """The forward on Hopper: ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32, as ``attention._forward``."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    o = q.new_empty(b, h, i, d_v)
+    lse = q.new_empty(b, h, i, dtype=torch.float32)
+    _run("attn_fwd_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+         q, k, v, o, lse,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+         h // h_kv, i, j, scale * math.log2(math.e),
+         D=d, DV=d_v, CAUSAL=causal)
+    return o, lse
+
+
+def backward_dkdv(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: HopperLaunch,
+) -> tuple[Tensor, Tensor]:
+    """The dK/dV pass on Hopper, as ``attention._backward_dkdv``."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    _run("attn_bwd_dkdv_tma_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+         q, k, v, do, lse, delta, dk, dv,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+         h, h // h_kv, i, j, scale, scale * math.log2(math.e),
+         D=d, DV=d_v, CAUSAL=causal)
+    return dk, dv
+
+
+def backward_dq(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: HopperLaunch,
+) -> Tensor:
+    """The dQ pass on Hopper, as ``attention._backward_dq``."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dq = q.new_empty(q.shape)
+    _run("attn_bwd_dq_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+         q, k, v, do, lse, delta, dq,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+         h // h_kv, i, j, scale, scale * math.log2(math.e),
+         D=d, DV=d_v, CAUSAL=causal)
+    return dq
+
+
+def backward_fused(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: HopperLaunch,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dK, dV and dQ in one pass over the key tiles, dQ summed in float32 by atomic additions."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    dq = torch.zeros(b, h, i, d, dtype=torch.float32, device=q.device)
+    _run("attn_bwd_fused_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+         q, k, v, do, lse, delta, dk, dv, dq,
+         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+         h, h // h_kv, i, j, scale, scale * math.log2(math.e),
+         D=d, DV=d_v, CAUSAL=causal)
+    return (dq * scale).to(q.dtype), dk, dv

@@ -1,0 +1,349 @@
+"""The FlashAttention-2 kernels for Hopper: tiles moved by the Tensor Memory Accelerator, loops warp-specialised.
+
+The algorithm, the grids, the layouts and the causal rule are those of
+:mod:`flashattn.triton.kernels`, and so are the key ranges and the two
+stages of each loop (``_key_range``, ``_load_lse2``). Two things differ.
+
+- **Loads and stores by TMA.** Each program describes the matrices of its
+  (batch, head) once, with ``tl.make_tensor_descriptor``: base address,
+  shape ``(rows, D)``, row stride, tile shape. A tile is then fetched by one
+  ``desc.load([row, 0])``, which the compiler turns into a TMA copy from HBM
+  into shared memory. The copy engine fills the rows past the end of the
+  matrix with zeros, and a ``desc.store`` writes none of them, which is what
+  the masks of ``tl.load`` and ``tl.store`` did for ragged lengths. A
+  descriptor needs its base address and row stride to be multiples of 16
+  bytes; the launch checks that before it picks these kernels.
+- **Warp specialisation.** With ``WARP_SPECIALIZE``, the key (or query)
+  loop is a ``tl.range(..., warp_specialize=True)``: the compiler gives the
+  TMA copies of the coming tiles to a producer warp, and the products and
+  the softmax to consumer warps, which wait on barriers in shared memory
+  instead of issuing loads themselves.
+
+The backward has the three passes of ``kernels`` (delta, dK/dV, dQ) and a
+fourth form, ``attn_bwd_fused_kernel``: dK, dV and dQ in one pass over each
+key tile, dQ added in float32 with atomic additions. It does five products
+per tile pair where the two passes do seven, at the price of the atomics
+and of a result that may differ in the last bits from one run to the next.
+"""
+
+import triton
+import triton.language as tl
+
+from .kernels import LN2, _key_range, _load_lse2
+
+
+@triton.jit
+def _rows(base, n, stride, BLOCK: tl.constexpr, COLS: tl.constexpr):
+    """A TMA descriptor of the ``(n, COLS)`` matrix at ``base`` with row ``stride``, fetched in tiles of ``BLOCK`` rows."""
+    return tl.make_tensor_descriptor(base, shape=[n, COLS], strides=[stride, 1], block_shape=[BLOCK, COLS])
+
+
+@triton.jit
+def _fwd_stage_tma(
+    acc, m, l, q,
+    k_desc, v_desc,
+    offs_q,
+    lo, hi, j, diag_offset, qk_scale,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """``kernels._fwd_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` into one query tile."""
+    for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        k = k_desc.load([start_k, 0])  # rows past j arrive as zeros, and are masked below
+        qk = tl.dot(q, tl.trans(k))
+        if MASKED:
+            keep = (offs_k < j)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_q[:, None] + diag_offset)
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_shift[:, None])
+        else:
+            m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+            m_shift = m_new
+            p = tl.math.exp2(qk * qk_scale - m_shift[:, None])
+        alpha = tl.math.exp2(m - m_shift)
+        l = l * alpha + tl.sum(p, 1)
+        v = v_desc.load([start_k, 0])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
+def attn_fwd_tma_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_ob, stride_oh, stride_oi,
+    g, i, j, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """O and lse for one tile of queries, as ``kernels.attn_fwd_kernel``: grid (n_q_tiles, h, b)."""
+    tile = tl.program_id(0)
+    if CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // g
+    start_q = tile * BLOCK_Q
+    offs_q = start_q + tl.arange(0, BLOCK_Q)
+    diag_offset = j - i
+
+    # -- one descriptor per matrix of this (batch, head): rows past its end read as zero, and are not written
+    q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+    k_desc = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
+    v_desc = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
+    o_desc = _rows(o_ptr + batch * stride_ob + head * stride_oh, i, stride_oi, BLOCK_Q, DV)
+
+    q = q_desc.load([start_q, 0])
+    m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
+    l = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)
+
+    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
+                               0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
+    acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
+                               mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, WARP_SPECIALIZE)
+
+    l = tl.where(l == 0.0, 1.0, l)
+    o = acc / l[:, None]
+    lse = (m + tl.math.log2(l)) * LN2
+    o_desc.store([start_q, 0], o.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q, lse, mask=offs_q < i)
+
+
+@triton.jit
+def _dkdv_stage_tma(
+    dk, dv, k, v,
+    q_desc, do_desc, lse_base, delta_base,
+    offs_k,
+    lo, hi, i, diag_offset, qk_scale,
+    BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """``kernels._dkdv_stage`` with its tiles fetched by TMA: query tiles ``lo`` to ``hi`` against one key tile."""
+    for start_q in tl.range(lo, hi, BLOCK_Q, warp_specialize=WARP_SPECIALIZE):
+        offs_q = start_q + tl.arange(0, BLOCK_Q)
+        rows = offs_q < i
+        q = q_desc.load([start_q, 0])
+        lse2 = _load_lse2(lse_base, offs_q, rows)
+        qk_t = tl.dot(k, tl.trans(q))
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
+        do = do_desc.load([start_q, 0])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        delta = tl.load(delta_base + offs_q, mask=rows, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_range(start_k, i, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
+    """The query tiles of one key tile, as in ``kernels.attn_bwd_dkdv_kernel``: none before lo, masked to mid, full after."""
+    if CAUSAL:
+        lo = tl.maximum(start_k - diag_offset, 0) // BLOCK_Q * BLOCK_Q
+        mid = tl.minimum(tl.cdiv(tl.maximum(start_k + BLOCK_K - 1 - diag_offset, 0), BLOCK_Q) * BLOCK_Q, i)
+    else:
+        lo = 0
+        mid = 0
+    return lo, mid
+
+
+@triton.jit
+def attn_bwd_dkdv_tma_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_dob, stride_doh, stride_doi,
+    stride_dkb, stride_dkh, stride_dkj,
+    stride_dvb, stride_dvh, stride_dvj,
+    h, g, i, j, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """dK and dV for one tile of keys, as ``kernels.attn_bwd_dkdv_kernel``: grid (n_k_tiles, h_kv, b)."""
+    kv_head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    start_k = tl.program_id(0) * BLOCK_K
+    offs_k = start_k + tl.arange(0, BLOCK_K)
+    diag_offset = j - i
+
+    k = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
+    v = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
+    lo, mid = _dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+
+    for head in range(kv_head * g, kv_head * g + g):
+        q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+        do_desc = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
+        lse_base = lse_ptr + (batch * h + head) * i
+        delta_base = delta_ptr + (batch * h + head) * i
+        dk, dv = _dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
+                                 lo, mid, i, diag_offset, qk_scale, BLOCK_Q, True, WARP_SPECIALIZE)
+        dk, dv = _dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
+                                 mid, i, i, diag_offset, qk_scale, BLOCK_Q, False, WARP_SPECIALIZE)
+
+    dk = dk * scale
+    _rows(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
+        [start_k, 0], dk.to(dk_ptr.dtype.element_ty))
+    _rows(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
+        [start_k, 0], dv.to(dv_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _dq_stage_tma(
+    dq, q, do, lse2, delta,
+    k_desc, v_desc,
+    offs_q,
+    lo, hi, j, diag_offset, qk_scale,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """``kernels._dq_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` against one query tile."""
+    for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        k = k_desc.load([start_k, 0])
+        v = v_desc.load([start_k, 0])
+        qk = tl.dot(q, tl.trans(k))
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = (offs_k < j)[None, :]
+            if CAUSAL:
+                keep = keep & (offs_k[None, :] <= offs_q[:, None] + diag_offset)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def attn_bwd_dq_tma_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_dob, stride_doh, stride_doi,
+    stride_dqb, stride_dqh, stride_dqi,
+    g, i, j, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """dQ for one tile of queries, as ``kernels.attn_bwd_dq_kernel``: grid (n_q_tiles, h, b)."""
+    tile = tl.program_id(0)
+    if CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile
+    head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    kv_head = head // g
+    start_q = tile * BLOCK_Q
+    offs_q = start_q + tl.arange(0, BLOCK_Q)
+    diag_offset = j - i
+
+    rows = offs_q < i
+    q = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D).load([start_q, 0])
+    do = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV).load([start_q, 0])
+    head_rows = (batch * tl.num_programs(1) + head) * i
+    lse2 = _load_lse2(lse_ptr + head_rows, offs_q, rows)
+    delta = tl.load(delta_ptr + head_rows + offs_q, mask=rows, other=0.0)
+    k_desc = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
+    v_desc = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
+    dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
+
+    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    dq = _dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
+                       0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
+    dq = _dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
+                       mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, WARP_SPECIALIZE)
+
+    dq = dq * scale
+    _rows(dq_ptr + batch * stride_dqb + head * stride_dqh, i, stride_dqi, BLOCK_Q, D).store(
+        [start_q, 0], dq.to(dq_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _fused_bwd_stage(
+    dk, dv, k, v,
+    q_desc, do_desc, lse_base, delta_base, dq_base,
+    offs_k, offs_d,
+    lo, hi, i, diag_offset, qk_scale,
+    D: tl.constexpr, BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """``_dkdv_stage_tma`` plus dQ: each query tile's share ``dS K`` is added to the float32 ``dq`` at ``dq_base``."""
+    for start_q in tl.range(lo, hi, BLOCK_Q, warp_specialize=WARP_SPECIALIZE):
+        offs_q = start_q + tl.arange(0, BLOCK_Q)
+        rows = offs_q < i
+        q = q_desc.load([start_q, 0])
+        lse2 = _load_lse2(lse_base, offs_q, rows)
+        qk_t = tl.dot(k, tl.trans(q))
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
+        do = do_desc.load([start_q, 0])
+        dv = tl.dot(p_t.to(do.dtype), do, dv)
+        delta = tl.load(delta_base + offs_q, mask=rows, other=0.0)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
+        dk = tl.dot(ds_t, q, dk)
+        # dQ_r += dS_rc K_c: this key tile's share, added to what the other key tiles' programs add
+        dq_share = tl.dot(tl.trans(ds_t), k)  # (BLOCK_Q, D), unscaled
+        dq_ptrs = dq_base + offs_q[:, None] * D + offs_d[None, :]
+        tl.atomic_add(dq_ptrs, dq_share, mask=rows[:, None], sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def attn_bwd_fused_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, dq_ptr,
+    stride_qb, stride_qh, stride_qi,
+    stride_kb, stride_kh, stride_kj,
+    stride_vb, stride_vh, stride_vj,
+    stride_dob, stride_doh, stride_doi,
+    stride_dkb, stride_dkh, stride_dkj,
+    stride_dvb, stride_dvh, stride_dvj,
+    h, g, i, j, scale, qk_scale,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+):
+    """dK, dV for one tile of keys and its share of dQ: grid (n_k_tiles, h_kv, b).
+
+    ``dq_ptr`` is a zeroed float32 ``(b, h, i, D)`` buffer, contiguous, that
+    collects ``dS K`` unscaled; the caller scales it and casts it.
+    """
+    kv_head = tl.program_id(1).to(tl.int64)
+    batch = tl.program_id(2).to(tl.int64)
+    start_k = tl.program_id(0) * BLOCK_K
+    offs_k = start_k + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, D)
+    diag_offset = j - i
+
+    k = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
+    v = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
+    dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
+    lo, mid = _dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+
+    for head in range(kv_head * g, kv_head * g + g):
+        q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+        do_desc = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
+        lse_base = lse_ptr + (batch * h + head) * i
+        delta_base = delta_ptr + (batch * h + head) * i
+        dq_base = dq_ptr + (batch * h + head) * i * D
+        dk, dv = _fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
+                                  lo, mid, i, diag_offset, qk_scale, D, BLOCK_Q, True, WARP_SPECIALIZE)
+        dk, dv = _fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
+                                  mid, i, i, diag_offset, qk_scale, D, BLOCK_Q, False, WARP_SPECIALIZE)
+
+    dk = dk * scale
+    _rows(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
+        [start_k, 0], dk.to(dk_ptr.dtype.element_ty))
+    _rows(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
+        [start_k, 0], dv.to(dv_ptr.dtype.element_ty))

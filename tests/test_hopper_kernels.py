@@ -1,0 +1,133 @@
+"""The Hopper kernels (TMA descriptors, warp-specialised loops, the fused backward) against the float64 reference.
+
+They are called directly, through :mod:`flashattn.triton.hopper`, at
+several launches each, so that every kernel and both settings of
+``WARP_SPECIALIZE`` are checked whatever ``triton_attention`` picks. Without
+a GPU they run in Triton's interpreter on float16 CPU tensors (TMA moves
+16-bit tiles only); on a GPU of compute capability 9.x, compiled, in
+bfloat16, where their error must stay within twice that of PyTorch's own
+attention in the same dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashattn import FlashAttention
+from flashattn.triton import hopper
+from flashattn.triton.attention import _backward_preprocess
+from flashattn.triton.hopper import HopperLaunch, tma_fits
+from flashattn.triton.runtime import is_interpreted
+from test_triton_attention import TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
+
+INTERPRETED = is_interpreted(hopper._kernels().attn_fwd_tma_kernel)
+HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+on_cpu = pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
+on_hopper = pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.x")
+
+
+def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
+    """attention(q, k, v, causal, scale) -> o through the Hopper kernels, with their backward, for the tests."""
+
+    class Attention(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v, causal, scale):
+            o, lse = hopper.forward(q, k, v, causal, scale, fwd)
+            ctx.save_for_backward(q, k, v, o, lse)
+            ctx.causal, ctx.scale = causal, scale
+            return o
+
+        @staticmethod
+        def backward(ctx, do):
+            q, k, v, o, lse = ctx.saved_tensors
+            do = do.contiguous()
+            delta = _backward_preprocess(o, do)
+            args = (q, k, v, do, lse, delta, ctx.causal, ctx.scale, bwd)
+            if fused:
+                dq, dk, dv = hopper.backward_fused(*args)
+            else:
+                dk, dv = hopper.backward_dkdv(*args)
+                dq = hopper.backward_dq(*args)
+            return dq, dk, dv, None, None
+
+    def attention(q, k, v, causal=False):
+        return Attention.apply(q, k, v, causal, q.shape[-1] ** -0.5)
+
+    return attention
+
+
+# fwd launch, backward launch (block_q, block_k, warps, stages, warp-specialised), fused backward or three passes
+CPU_LAUNCHES = [
+    (HopperLaunch(32, 16, 4, 1, False), HopperLaunch(16, 32, 4, 1, False), False),
+    (HopperLaunch(16, 32, 4, 1, True), HopperLaunch(32, 16, 4, 1, True), True),
+]
+CPU_CASES = [
+    # b, h, h_kv, i, j, d, d_v, causal
+    (1, 2, 2, 64, 64, 32, 32, False),  # whole tiles only
+    (2, 4, 2, 70, 50, 32, 16, True),  # i > j: rows with no key; grouped-query; d_v != d
+    (1, 2, 1, 45, 90, 16, 32, True),  # i < j, ragged on both sides
+    (1, 3, 3, 33, 77, 32, 32, False),
+]
+
+
+@on_cpu
+@pytest.mark.parametrize("fwd, bwd, fused", CPU_LAUNCHES)
+@pytest.mark.parametrize("b, h, h_kv, i, j, d, d_v, causal", CPU_CASES)
+def test_matches_reference(fwd, bwd, fused, b, h, h_kv, i, j, d, d_v, causal):
+    q, k, v, do = make_inputs(b, h, h_kv, i, j, d, d_v, torch.float16, seed=i * j + d)
+    errs = errors(lambda q, k, v: hopper_attention(fwd, bwd, fused)(q, k, v, causal), q, k, v, do, causal)
+    assert max(errs.values()) < TOLERANCE[torch.float16], errs
+
+
+@on_cpu
+def test_rows_without_keys_are_zero():
+    # i > j under the causal rule: the first i - j rows see no key; their output and dq must be exactly 0
+    q, k, v, do = make_inputs(1, 2, 2, 60, 20, 16, 16, torch.float16, seed=3)
+    fwd, bwd, fused = CPU_LAUNCHES[1]
+    o = hopper_attention(fwd, bwd, fused)(q, k, v, True)
+    o.backward(do)
+    assert torch.equal(o[:, :, :40], torch.zeros_like(o[:, :, :40]))
+    assert torch.equal(q.grad[:, :, :40], torch.zeros_like(q.grad[:, :, :40]))
+    ref = reference_with_grads(q, k, v, do, causal=True)
+    assert rel_error(o, ref[0]) < TOLERANCE[torch.float16]
+
+
+def test_tma_fits():
+    # descriptors need 16-byte aligned rows and bases, a unit last stride, 16-bit elements
+    x = torch.empty(2, 3, 40, 64, dtype=torch.float16)
+    assert tma_fits(x)
+    assert not tma_fits(x.float())  # float32 stays on the pointer kernels
+    assert tma_fits(x[..., :32])  # a slice keeps the 128-byte rows
+    assert tma_fits(x[..., :56].contiguous())  # 112-byte rows
+    assert not tma_fits(x[..., :60].contiguous())  # 120-byte rows
+    assert not tma_fits(torch.empty(2, 3, 40, 12, dtype=torch.float16))  # 24-byte rows
+    assert not tma_fits(x.transpose(-1, -2))  # last stride not 1
+    assert not tma_fits(torch.empty(2 * 3 * 40 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 40, 64))  # base + 2 bytes
+
+
+HOPPER_CASES = [
+    # b, h, h_kv, i, j, d, causal
+    (2, 8, 8, 1000, 1000, 128, True),
+    (2, 8, 2, 777, 1500, 128, False),  # grouped-query, ragged, i < j
+    (1, 4, 4, 1500, 333, 64, True),  # i > j: rows with no key
+    (4, 16, 16, 4096, 4096, 64, False),
+    (1, 16, 4, 3000, 3000, 128, True),
+]
+HOPPER_LAUNCHES = [
+    (HopperLaunch(128, 64, 8, 3, False), HopperLaunch(64, 128, 8, 2, False), False),
+    (HopperLaunch(128, 64, 4, 2, True), HopperLaunch(64, 128, 8, 2, True), False),
+    (HopperLaunch(128, 128, 8, 2, False), HopperLaunch(64, 128, 8, 2, False), True),
+]
+
+
+@on_hopper
+@pytest.mark.parametrize("fwd, bwd, fused", HOPPER_LAUNCHES)
+@pytest.mark.parametrize("b, h, h_kv, i, j, d, causal", HOPPER_CASES)
+def test_hopper_within_twice_pytorch_error(fwd, bwd, fused, b, h, h_kv, i, j, d, causal):
+    q, k, v, do = make_inputs(b, h, h_kv, i, j, d, d, torch.bfloat16, seed=i + j + d, device="cuda")
+    ours = errors(lambda q, k, v: hopper_attention(fwd, bwd, fused)(q, k, v, causal), q, k, v, do, causal)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
+    for name in ours:
+        assert ours[name] <= 2 * pytorch[name], (name, ours, pytorch)
