@@ -61,6 +61,7 @@ def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
 CPU_LAUNCHES = [
     (HopperLaunch(32, 16, 4, 1, False), HopperLaunch(16, 32, 4, 1, False), False),
     (HopperLaunch(16, 32, 4, 1, True), HopperLaunch(32, 16, 4, 1, True), True),
+    (HopperLaunch(16, 16, 4, 1, False, overlap=True), HopperLaunch(16, 16, 4, 1, False), False),
 ]
 CPU_CASES = [
     # b, h, h_kv, i, j, d, d_v, causal
@@ -116,8 +117,9 @@ HOPPER_CASES = [
 ]
 HOPPER_LAUNCHES = [
     (HopperLaunch(128, 64, 8, 3, False), HopperLaunch(64, 128, 8, 2, False), False),
-    (HopperLaunch(128, 64, 4, 2, True), HopperLaunch(64, 128, 8, 2, True), False),
+    (HopperLaunch(128, 128, 8, 3, True), HopperLaunch(64, 128, 8, 2, True), False),
     (HopperLaunch(128, 128, 8, 2, False), HopperLaunch(64, 128, 8, 2, False), True),
+    (HopperLaunch(128, 64, 8, 3, False, overlap=True), HopperLaunch(32, 64, 4, 3, False), False),
 ]
 
 

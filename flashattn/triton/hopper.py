@@ -34,6 +34,7 @@ class HopperLaunch:
     num_warps: int
     num_stages: int
     warp_specialize: bool
+    overlap: bool = False  # forward only: the next tile's scores computed before this tile's exponentials
 
 
 def _kernels() -> ModuleType:
@@ -87,7 +88,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: Ho
          q, k, v, o, lse,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
          h // h_kv, i, j, scale * math.log2(math.e),
-         D=d, DV=d_v, CAUSAL=causal)
+         D=d, DV=d_v, CAUSAL=causal, OVERLAP=cfg.overlap)
     return o, lse
 
 

@@ -72,6 +72,36 @@ def _fwd_stage_tma(
 
 
 @triton.jit
+def _softmax_step(acc, m, l, qk, v, qk_scale):
+    """One unmasked key tile into the online softmax: the body of ``_fwd_stage_tma`` with ``MASKED=False``."""
+    m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m - m_new)
+    l = l * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l
+
+
+@triton.jit
+def _fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, lo, hi, qk_scale, BLOCK_K: tl.constexpr):
+    """The unmasked key tiles ``lo`` to ``hi``, with the scores of each tile computed one step early.
+
+    The product ``S = Q K^T`` of the next tile is issued before the
+    exponentials of the current one, so that the tensor cores can work on it
+    while the exponentials run: the overlap that FlashAttention-3 arranges
+    within a warpgroup.
+    """
+    if hi > lo:
+        qk = tl.dot(q, tl.trans(k_desc.load([lo, 0])))
+        for start_k in tl.range(lo + BLOCK_K, hi, BLOCK_K):
+            qk_next = tl.dot(q, tl.trans(k_desc.load([start_k, 0])))
+            acc, m, l = _softmax_step(acc, m, l, qk, v_desc.load([start_k - BLOCK_K, 0]), qk_scale)
+            qk = qk_next
+        acc, m, l = _softmax_step(acc, m, l, qk, v_desc.load([hi - BLOCK_K, 0]), qk_scale)
+    return acc, m, l
+
+
+@triton.jit
 def attn_fwd_tma_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr,
     stride_qb, stride_qh, stride_qi,
@@ -80,7 +110,7 @@ def attn_fwd_tma_kernel(
     stride_ob, stride_oh, stride_oi,
     g, i, j, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, OVERLAP: tl.constexpr = False,
 ):
     """O and lse for one tile of queries, as ``kernels.attn_fwd_kernel``: grid (n_q_tiles, h, b)."""
     tile = tl.program_id(0)
@@ -105,8 +135,11 @@ def attn_fwd_tma_kernel(
     acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)
 
     mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
-                               0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
+    if OVERLAP:
+        acc, m, l = _fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, 0, mid, qk_scale, BLOCK_K)
+    else:
+        acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
+                                   0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
     acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
                                mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, WARP_SPECIALIZE)
 
