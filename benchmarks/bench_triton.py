@@ -7,7 +7,10 @@ and not, n from 1k to 16k; forward, and forward plus backward. Providers:
 ``scaled_dot_product_attention`` choosing its kernel itself: cuDNN's on the
 H200), ``sdpa_flash`` and ``sdpa_cudnn`` (SDPA held to one backend) and
 ``flex`` (``torch.compile(flex_attention)``, with a causal block mask when
-causal).
+causal). On Hopper, ``triton`` takes the TMA kernels where the table of
+``flashattn/triton/hopper.py`` has them, and ``triton_pointers`` is the same
+call held to the pointer kernels of ``kernels.py``, the path of every other
+GPU.
 
 At every point it first measures each provider's error in units of the
 output's last place, o, dq, dk and dv, against a float64 reference from the
@@ -57,13 +60,14 @@ from accuracy import (  # noqa: E402
     ulp_report,
 )
 from flashattn import triton_attention  # noqa: E402
+from flashattn.triton import hopper  # noqa: E402
 from flashattn.triton.launch import _TABLE, KernelConfigs, TileConfig, table_key  # noqa: E402
 from plot_triton import backend_name, headline, speed_ratios  # noqa: E402
 from runinfo import attention_kernels, run_info  # noqa: E402
 
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
-PROVIDERS = ("triton", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
+PROVIDERS = ("triton", "triton_pointers", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
 MODES = ("fwd", "fwd_bwd")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 QUICK = dict(n=[1024], d=[64], rep=20)
@@ -95,6 +99,12 @@ def attention(provider: str, causal: bool, n: int) -> Callable[..., torch.Tensor
     """``fn(q, k, v) -> o`` for one provider; square problems only (i = j = n)."""
     if provider == "triton":
         return lambda q, k, v: triton_attention(q, k, v, causal=causal)
+    if provider == "triton_pointers":
+
+        def pointers(q, k, v):
+            with hopper.tma_kernels(False):
+                return triton_attention(q, k, v, causal=causal)
+        return pointers
     if provider == "sdpa_default":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if provider in BACKENDS:
@@ -209,8 +219,9 @@ def main() -> None:
         tasks = [("flex", d, causal, n, mode, args.table) for d, causal, n in grid for mode in MODES
                  if "flex" in providers]
         # (at the shortest and the longest length: the table has rows for short and for long sequences)
-        tasks += [("triton", d, causal, n, "fwd_bwd", args.table) for d in args.d for causal in (False, True)
-                  for n in sorted({args.n[0], args.n[-1]}) if "triton" in providers]
+        tasks += [(p, d, causal, n, "fwd_bwd", args.table) for p in ("triton", "triton_pointers")
+                  for d in args.d for causal in (False, True)
+                  for n in sorted({args.n[0], args.n[1 if len(args.n) > 1 else 0], args.n[-1]}) if p in providers]
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for task, error in pool.map(warm_task, sorted(tasks, key=lambda t: -t[3])):
                 if error:
@@ -234,12 +245,18 @@ def main() -> None:
     table = {"/".join(map(str, key)): {kernel: list(vars(getattr(_TABLE[key], kernel)).values())
                                        for kernel in ("fwd", "dkdv", "dq")} for key in keys}
 
+    hopper_table = {f"{d}/{'causal' if causal else 'no mask'}/{length}": {
+        kernel: None if launch is None else list(vars(launch).values())
+        for kernel, launch in zip(("fwd", "dkdv", "dq"), launches)}
+        for (d, causal, length), launches in hopper._TABLE.items()}
+
     def write(complete: bool = False) -> None:
         """The results so far (after every point, so that a run cut short keeps what it measured)."""
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(**meta, sdpa_default_kernels=sorted(default_kernels),
                                sdpa_default_backend=backend_name(sorted(default_kernels)), triton_table=table,
+                               hopper_table=hopper_table,
                                complete=complete, rows=rows, accuracy_failures=failures), f, indent=1)
 
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 STYLE = {
     "triton": dict(color="C3", marker="o", linewidth=2.2, label="triton_attention (this package)"),
+    "triton_pointers": dict(color="C3", marker="o", linestyle=":", label="triton_attention, pointer kernels only"),
     "sdpa_default": dict(color="C4", marker="v", linestyle="--", label="PyTorch SDPA, its own choice"),
     "sdpa_flash": dict(color="C0", marker="s", label="PyTorch SDPA, FlashAttention-2 backend"),
     "sdpa_cudnn": dict(color="C2", marker="^", label="PyTorch SDPA, cuDNN backend"),

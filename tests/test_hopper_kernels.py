@@ -14,10 +14,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flashattn import FlashAttention
+from flashattn import FlashAttention, triton_attention
 from flashattn.triton import hopper
-from flashattn.triton.attention import _backward_preprocess
+from flashattn.triton.attention import _backward_preprocess, _TritonAttention
 from flashattn.triton.hopper import HopperLaunch, tma_fits
+from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import is_interpreted
 from test_triton_attention import TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
 
@@ -112,14 +113,12 @@ HOPPER_CASES = [
     (2, 8, 8, 1000, 1000, 128, True),
     (2, 8, 2, 777, 1500, 128, False),  # grouped-query, ragged, i < j
     (1, 4, 4, 1500, 333, 64, True),  # i > j: rows with no key
-    (4, 16, 16, 4096, 4096, 64, False),
     (1, 16, 4, 3000, 3000, 128, True),
 ]
 HOPPER_LAUNCHES = [
     (HopperLaunch(128, 64, 8, 3, False), HopperLaunch(64, 128, 8, 2, False), False),
     (HopperLaunch(128, 128, 8, 3, True), HopperLaunch(64, 128, 8, 2, True), False),
-    (HopperLaunch(128, 128, 8, 2, False), HopperLaunch(64, 128, 8, 2, False), True),
-    (HopperLaunch(128, 64, 8, 3, False, overlap=True), HopperLaunch(32, 64, 4, 3, False), False),
+    (HopperLaunch(128, 64, 8, 3, False, overlap=True), HopperLaunch(64, 128, 8, 2, False), True),
 ]
 
 
@@ -133,3 +132,54 @@ def test_hopper_within_twice_pytorch_error(fwd, bwd, fused, b, h, h_kv, i, j, d,
     pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
     for name in ours:
         assert ours[name] <= 2 * pytorch[name], (name, ours, pytorch)
+
+
+# ---------------------------------------------------------------------------------------------
+# How triton_attention chooses between the Hopper kernels and the pointer kernels
+
+
+@on_cpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_mixed_configs_match_reference(causal):
+    # each kernel of one call may be a Hopper launch or a pointer one: _TritonAttention dispatches on the type
+    configs = KernelConfigs(fwd=HopperLaunch(32, 16, 4, 1, False), dkdv=TileConfig(16, 32, 4, 1),
+                            dq=HopperLaunch(32, 16, 4, 1, False))
+    q, k, v, do = make_inputs(1, 4, 2, 50, 70, 32, 32, torch.float16, seed=9)
+    errs = errors(lambda q, k, v: _TritonAttention.apply(q, k, v, causal, 32**-0.5, configs), q, k, v, do, causal)
+    assert max(errs.values()) < TOLERANCE[torch.float16], errs
+
+
+def test_hopper_configs_choice(monkeypatch):
+    # the table's launches replace the pointer kernels' on capability 9.x only, for tensors TMA can describe
+    base = KernelConfigs(TileConfig(1, 1, 1, 1), TileConfig(2, 2, 2, 2), TileConfig(3, 3, 3, 3))
+    x = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    cuda = torch.device("cuda")
+    got = hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x)
+    fwd, dkdv, dq = hopper._TABLE[(128, False, "long")]
+    assert (got.fwd, got.dkdv, got.dq) == (fwd, base.dkdv, dq) and dkdv is None
+    assert hopper.hopper_configs(base, cuda, 32, True, 512, 512, x, x, x) == base  # a row without Hopper launches
+    assert hopper.hopper_configs(base, cuda, 256, False, 4096, 4096, x, x, x) == base  # no row for d = 256
+    assert hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x.float()) == base  # float32
+    with hopper.tma_kernels(False):
+        assert hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x) == base
+    assert hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x) == got  # restored after the block
+    for capability in ((8, 0), (10, 0)):  # Ampere, and Blackwell, where they were not measured
+        assert hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x) == base
+
+
+@on_hopper
+@pytest.mark.parametrize("d, causal", [(128, False), (128, True), (64, False), (64, True)])
+def test_hopper_path_and_pointer_path_agree(d, causal):
+    # on the H200, triton_attention with and without the Hopper kernels: both within twice PyTorch's error
+    q, k, v, do = make_inputs(2, 4, 2, 2500, 2500, d, d, torch.bfloat16, seed=d, device="cuda")
+    hopper_errs = errors(lambda q, k, v: triton_attention(q, k, v, causal=causal), q, k, v, do, causal)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    with hopper.tma_kernels(False):
+        pointer_errs = errors(lambda q, k, v: triton_attention(q, k, v, causal=causal), q, k, v, do, causal)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
+    for name in pytorch:
+        assert hopper_errs[name] <= 2 * pytorch[name] and pointer_errs[name] <= 2 * pytorch[name], (
+            name, hopper_errs, pointer_errs, pytorch)

@@ -10,7 +10,9 @@ through Triton's interpreter (triton 3.7 or newer).
 ``triton_forward`` runs the forward kernel alone and returns ``(o, lse)``, as
 ``tiled_forward_fa2`` does. Tile sizes and launch options come from a table
 keyed by GPU architecture, head dimension and sequence length
-(:mod:`flashattn.triton.launch`).
+(:mod:`flashattn.triton.launch`). On Hopper, the kernels that move their
+tiles by TMA (:mod:`flashattn.triton.hopper`) take the place of those that
+were measured slower there.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_forward_fa2
+from . import hopper
+from .hopper import HopperLaunch
 from .launch import KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
 from .runtime import check_device, is_interpreted, launch, load_kernels
 
@@ -52,8 +56,12 @@ def _fit_head_dim(t: Tensor, size: int) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: TileConfig) -> tuple[Tensor, Tensor]:
+def _forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: TileConfig | HopperLaunch
+) -> tuple[Tensor, Tensor]:
     """Run the forward kernel: returns ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32."""
+    if isinstance(cfg, HopperLaunch):
+        return hopper.forward(q, k, v, causal, scale, cfg)
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
@@ -80,9 +88,12 @@ def _backward_preprocess(o: Tensor, do: Tensor) -> Tensor:
 
 
 def _backward_dkdv(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float, cfg: TileConfig
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: TileConfig | HopperLaunch,
 ) -> tuple[Tensor, Tensor]:
     """The backward's second pass: ``dk`` (b, h_kv, j, d) and ``dv`` (b, h_kv, j, d_v), one key tile per program."""
+    if isinstance(cfg, HopperLaunch):
+        return hopper.backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg)
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
@@ -97,9 +108,12 @@ def _backward_dkdv(
 
 
 def _backward_dq(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float, cfg: TileConfig
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: TileConfig | HopperLaunch,
 ) -> Tensor:
     """The backward's third pass: ``dq`` (b, h, i, d), one query tile per program."""
+    if isinstance(cfg, HopperLaunch):
+        return hopper.backward_dq(q, k, v, do, lse, delta, causal, scale, cfg)
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dq = q.new_empty(q.shape)
@@ -118,8 +132,9 @@ def _backward(
     causal: bool, scale: float, configs: KernelConfigs,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward in three passes: delta = rowsum(dO * O), then dK and dV, then dQ."""
-    if do.stride(-1) != 1:
-        do = do.contiguous()
+    tma = isinstance(configs.dkdv, HopperLaunch) or isinstance(configs.dq, HopperLaunch)
+    if do.stride(-1) != 1 or (tma and not hopper.tma_fits(do)):
+        do = do.contiguous()  # a fresh tensor: rows and base aligned as TMA needs
     delta = _backward_preprocess(o, do)
     dk, dv = _backward_dkdv(q, k, v, do, lse, delta, causal, scale, configs.dkdv)
     dq = _backward_dq(q, k, v, do, lse, delta, causal, scale, configs.dq)
@@ -166,7 +181,7 @@ class _Prepared:
     dtype: torch.dtype
 
 
-def _prepare(q: Tensor, x: Prepared) -> _Prepared:
+def _prepare(q: Tensor, x: Prepared, causal: bool = False) -> _Prepared:
     """Check the inputs and bring them to the form the kernels read (see ``_TritonAttention``)."""
     k, v, scale = x.k, x.v, x.scale
     if q.dtype not in KERNEL_DTYPES:
@@ -192,6 +207,8 @@ def _prepare(q: Tensor, x: Prepared) -> _Prepared:
     q, k = _fit_head_dim(q, head_dim), _fit_head_dim(k, head_dim)
     v = _fit_head_dim(v, head_dim_v)
     configs = pick_configs(q.device, q.dtype, head_dim, q.shape[2], k.shape[2], interpreted)
+    if not interpreted:
+        configs = hopper.hopper_configs(configs, q.device, head_dim, causal, q.shape[2], k.shape[2], q, k, v)
     return _Prepared(q, k, v, scale, configs, d_v, dtype)
 
 
@@ -208,7 +225,7 @@ def triton_forward(
     x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
     if x.is_empty:  # nothing to compute: no kernel is launched on an empty grid
         return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, x)
+    p = _prepare(q, x, causal)
     o, lse = _forward(p.q, p.k, p.v, causal, p.scale, p.configs.fwd)
     return o[..., : p.d_v].to(p.dtype), lse
 
@@ -233,6 +250,6 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
     x = prepare(q, k, v, scale=scale)
     if x.is_empty:
         return tiled_attention(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, x)
+    p = _prepare(q, x, causal)
     o = _TritonAttention.apply(p.q, p.k, p.v, causal, p.scale, p.configs)  # (b, h, i, padded d_v)
     return o[..., : p.d_v].to(p.dtype)

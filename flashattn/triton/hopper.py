@@ -2,7 +2,10 @@
 
 ``triton_attention`` takes this path on GPUs of compute capability 9.x for
 float16 and bfloat16 inputs whose layout a TMA descriptor can describe
-(``tma_fits``); every other call runs the kernels of
+(``tma_fits``), kernel by kernel: ``hopper_configs`` puts a Hopper launch in
+place of the launch table's where ``_TABLE`` below has one, and leaves the
+pointer kernel of :mod:`flashattn.triton.kernels` where it has none, because
+it was measured faster there. Every other call runs the kernels of
 :mod:`flashattn.triton.kernels`, as before. The kernels create their
 descriptors on the GPU, in a small workspace of global memory that Triton
 asks for at each launch: ``_use_torch_allocator`` lets it come from
@@ -12,13 +15,17 @@ other tensor).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
+from .launch import KernelConfigs
 from .runtime import is_interpreted, launch, load_kernels
 
 TMA_ALIGNMENT = 16  # bytes: a descriptor's base address and row stride must be multiples of this
@@ -35,6 +42,51 @@ class HopperLaunch:
     num_stages: int
     warp_specialize: bool
     overlap: bool = False  # forward only: the next tile's scores computed before this tile's exponentials
+
+
+_L = HopperLaunch
+# (padded head dimension, causal, length) -> launches of the forward, dK/dV and dQ kernels; None keeps
+# the pointer kernel at the launch table's config. "short": neither i nor j above SHORT. Chosen by
+# benchmarks/tune_hopper.py on the H200 (benchmarks/results/hopper-steps-h200.json): a Hopper launch only
+# where it was at least as fast as the pointer kernel at every length of its row. Warp-specialised loops
+# never were, and are not used.
+SHORT = 1024
+_TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | None, HopperLaunch | None]] = {
+    (64, False, "short"): (None, None, None),
+    (64, False, "long"): (_L(128, 64, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+    (64, True, "short"): (None, None, None),
+    (64, True, "long"): (None, _L(32, 64, 4, 3, False), None),
+    (128, False, "short"): (_L(64, 64, 4, 3, False), None, _L(128, 64, 8, 3, False)),
+    (128, False, "long"): (_L(128, 128, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+    (128, True, "short"): (None, None, None),
+    (128, True, "long"): (_L(128, 128, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+}
+_enabled = True
+
+
+@contextlib.contextmanager
+def tma_kernels(enabled: bool) -> Iterator[None]:
+    """Within the block, let ``triton_attention`` take the Hopper kernels (the default) or not: to compare the two."""
+    global _enabled
+    before, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, causal: bool, i: int, j: int,
+                   *tensors: Tensor) -> KernelConfigs:
+    """``configs`` with the Hopper launches of ``_TABLE`` in place of the pointer kernels', where they apply.
+
+    They apply on a GPU of compute capability 9.x, for head dimensions up to
+    128, when every one of ``tensors`` fits a TMA descriptor.
+    """
+    key = (max(head_dim, 64), causal, "short" if max(i, j) <= SHORT else "long")
+    if not _enabled or key not in _TABLE or torch.cuda.get_device_capability(device)[0] != 9 or not tma_fits(*tensors):
+        return configs
+    fwd, dkdv, dq = _TABLE[key]
+    return dataclasses.replace(configs, fwd=fwd or configs.fwd, dkdv=dkdv or configs.dkdv, dq=dq or configs.dq)
 
 
 def _kernels() -> ModuleType:

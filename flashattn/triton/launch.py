@@ -30,7 +30,11 @@ class TileConfig:
 
 @dataclass(frozen=True)
 class KernelConfigs:
-    """The launch of each kernel of one attention call; the backward's preprocessing pass needs none."""
+    """The launch of each kernel of one attention call; the backward's preprocessing pass needs none.
+
+    On Hopper, ``flashattn.triton.hopper.hopper_configs`` may put a
+    ``HopperLaunch`` (a TMA kernel) in place of any of them.
+    """
 
     fwd: TileConfig
     dkdv: TileConfig
