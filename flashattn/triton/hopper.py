@@ -59,7 +59,7 @@ _TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | No
     (128, False, "short"): (_L(64, 64, 4, 3, False), None, _L(128, 64, 8, 3, False)),
     (128, False, "long"): (_L(128, 128, 8, 3, False), None, _L(128, 64, 8, 3, False)),
     (128, True, "short"): (None, None, None),
-    (128, True, "long"): (_L(128, 128, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+    (128, True, "long"): (_L(64, 64, 4, 3, False), None, _L(128, 64, 8, 3, False)),
 }
 _enabled = True
 
