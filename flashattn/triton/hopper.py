@@ -64,6 +64,16 @@ _TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | No
 _enabled = True
 
 
+def hopper_table() -> dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | None, HopperLaunch | None]]:
+    """The Hopper launches, keyed by (padded head dimension, causal, length), as a new dict.
+
+    Each value holds the launches of the forward, dK/dV and dQ kernels; None
+    keeps the pointer kernel at :func:`flashattn.triton.launch.launch_table`'s
+    config. Length is "short" when neither i nor j exceeds :data:`SHORT`.
+    """
+    return dict(_TABLE)
+
+
 @contextlib.contextmanager
 def tma_kernels(enabled: bool) -> Iterator[None]:
     """Within the block, let ``triton_attention`` take the Hopper kernels (the default) or not: to compare the two."""

@@ -81,6 +81,20 @@ _INTERPRETER = _configs(fwd=(64, 64, 4, 1), dkdv=(64, 64, 4, 1), dq=(64, 64, 4, 
 PREPROCESS_BLOCK_Q = 64
 
 
+def launch_table() -> dict[tuple[str, int, str], KernelConfigs]:
+    """The launches for 16-bit inputs, keyed by (architecture, padded head dimension, length), as a new dict.
+
+    Length is "short" when neither i nor j exceeds :data:`SHORT`, "long"
+    otherwise, and "any" where it does not matter. Reading it needs no triton.
+    """
+    return dict(_TABLE)
+
+
+def float32_table() -> dict[int, KernelConfigs]:
+    """The launches for float32 inputs, keyed by padded head dimension (the same on every GPU), as a new dict."""
+    return dict(_FLOAT32)
+
+
 def check_capability(device: torch.device) -> None:
     """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer)."""
     capability = torch.cuda.get_device_capability(device)
