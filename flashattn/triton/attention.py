@@ -30,7 +30,7 @@ from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_forward_fa2
 from . import hopper
 from .hopper import HopperLaunch
-from .launch import KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, pick_configs
+from .launch import KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, is_forced, pick_configs
 from .runtime import check_device, is_interpreted, launch, load_kernels
 
 
@@ -207,7 +207,7 @@ def _prepare(q: Tensor, x: Prepared, causal: bool = False) -> _Prepared:
     q, k = _fit_head_dim(q, head_dim), _fit_head_dim(k, head_dim)
     v = _fit_head_dim(v, head_dim_v)
     configs = pick_configs(q.device, q.dtype, head_dim, q.shape[2], k.shape[2], interpreted)
-    if not interpreted:
+    if not interpreted and not is_forced():
         configs = hopper.hopper_configs(configs, q.device, head_dim, causal, q.shape[2], k.shape[2], q, k, v)
     return _Prepared(q, k, v, scale, configs, d_v, dtype)
 

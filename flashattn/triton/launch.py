@@ -9,6 +9,8 @@ with an error that says so, because no launch here was compiled for them.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,32 @@ def float32_table() -> dict[int, KernelConfigs]:
     return dict(_FLOAT32)
 
 
+_forced: KernelConfigs | None = None
+
+
+@contextlib.contextmanager
+def forced_configs(configs: KernelConfigs) -> Iterator[None]:
+    """Within the block, launch every kernel of ``triton_attention`` with ``configs``, whatever the GPU.
+
+    The table is then bypassed, the Hopper launches included: to run one
+    GPU's rows on another, or tiles small enough to see one by one. Inputs
+    are still checked; a launch that does not fit the GPU fails to compile.
+    """
+    if not isinstance(configs, KernelConfigs):
+        raise TypeError(f"configs must be a KernelConfigs, got {type(configs).__name__}")
+    global _forced
+    before, _forced = _forced, configs
+    try:
+        yield
+    finally:
+        _forced = before
+
+
+def is_forced() -> bool:
+    """Whether a :func:`forced_configs` block is active."""
+    return _forced is not None
+
+
 def check_capability(device: torch.device) -> None:
     """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer)."""
     capability = torch.cuda.get_device_capability(device)
@@ -133,6 +161,8 @@ def pick_configs(
 
     ``head_dim`` is the padded head dimension the kernels see.
     """
+    if _forced is not None:
+        return _forced
     if interpreted:
         return _INTERPRETER
     check_capability(device)
