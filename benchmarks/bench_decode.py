@@ -29,8 +29,8 @@ Before timing, at every shape, each provider's output for sequence 0 is
 compared with a float64 reference (max |error|); decode's error must be at
 most twice SDPA's own.
 
-    python benchmarks/bench_decode.py --out benchmarks/results/decode-h200.json
-    python benchmarks/bench_decode.py --tune --out benchmarks/results/decode-tune-h200.json
+    python benchmarks/bench_decode.py --out flashattn/results/decode-h200.json
+    python benchmarks/bench_decode.py --tune --out flashattn/results/decode-tune-h200.json
     python benchmarks/bench_decode.py --quick           # a few points, without flex
 """
 

@@ -18,7 +18,7 @@ the GPU (one extra pass over the output); the key padding problem measures
 that cost against the direct call with the same mask. ``--host-blocking``
 also measures whether one masked call makes the host wait for the GPU.
 
-    python benchmarks/bench_module.py --host-blocking --out benchmarks/results/module-h200.json
+    python benchmarks/bench_module.py --host-blocking --out flashattn/results/module-h200.json
     python benchmarks/bench_module.py --quick --host-blocking --out /tmp/module-quick.json   # smoke test
 """
 

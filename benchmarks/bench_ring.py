@@ -36,7 +36,7 @@ rewrites the JSON after every length, so an interrupted run keeps what it
 measured.
 
     torchrun --standalone --nproc-per-node 4 benchmarks/bench_ring.py --worlds 2,4 \
-        --out benchmarks/results/ring-h200.json
+        --out flashattn/results/ring-h200.json
     torchrun --standalone --nproc-per-node 2 benchmarks/bench_ring.py --smoke --out /tmp/ring-smoke.json   # CPU, gloo
 """
 

@@ -25,7 +25,7 @@ Compiling FlexAttention for every shape, and the Triton kernels, takes
 minutes; ``--jobs N`` does it first in N processes, into the on-disk caches
 that the timing then reads.
 
-    python benchmarks/bench_triton.py --jobs 12 --out benchmarks/results/triton-h200.json
+    python benchmarks/bench_triton.py --jobs 12 --out flashattn/results/triton-h200.json
     python benchmarks/bench_triton.py --quick --out /tmp/triton-quick.json   # smoke test, without flex
 """
 

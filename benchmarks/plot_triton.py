@@ -1,6 +1,6 @@
 """Plots a bench_triton.py JSON: TFLOP/s against sequence length, one panel per mode, head dimension and mask.
 
-    python benchmarks/plot_triton.py benchmarks/results/triton-h200.json
+    python benchmarks/plot_triton.py flashattn/results/triton-h200.json
     # writes benchmarks/results/triton-h200.png; --out picks another path
     python benchmarks/plot_triton.py d64.json d128.json --out both.png   # runs split by --d, drawn together
 

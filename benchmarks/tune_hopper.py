@@ -19,7 +19,7 @@ candidate that fails to compile or differs by more than 1e-2 is recorded and
 not timed. Compiling the candidates takes minutes; ``--jobs N`` does it
 first in N processes, into Triton's on-disk cache.
 
-    python benchmarks/tune_hopper.py --jobs 14 --out benchmarks/results/hopper-steps-h200.json
+    python benchmarks/tune_hopper.py --jobs 14 --out flashattn/results/hopper-steps-h200.json
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ them in N processes first, into Triton's on-disk cache, which the timing run
 then reads.
 
     python benchmarks/tune_triton.py --compile-only --jobs 12
-    python benchmarks/tune_triton.py --out benchmarks/results/tune-h200-1k-4k-16k.json
+    python benchmarks/tune_triton.py --out flashattn/results/tune-h200-1k-4k-16k.json
     python benchmarks/tune_triton.py --quick --out /tmp/tune-quick.json   # smoke test: d = 64, n = 1k, 2 candidates
 """
 

@@ -8,9 +8,12 @@ to the device: every device sees the same numbers.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import random
 import warnings
 from dataclasses import dataclass
+from importlib import metadata, resources
 
 import torch
 from torch import Tensor
@@ -64,6 +67,14 @@ class BookSetup:
 
 _CPU_SIZES = Sizes(batch=1, heads=4, head_dim=64, seq_lens=(128, 256, 512, 1024))
 _GPU_SIZES = Sizes(batch=4, heads=16, head_dim=128, seq_lens=(512, 1024, 2048, 4096))
+# A GPU of less memory (a T4's 15 GiB) takes one sequence per batch: the standard attention that the
+# chapters time beside FlashAttention stores (b, h, n, n) scores, about 16 GiB at batch 4 for its backward.
+_SMALL_GPU_SIZES = Sizes(batch=1, heads=16, head_dim=128, seq_lens=(512, 1024, 2048, 4096))
+_SMALL_GPU_GIB = 32
+GIB = 2**30
+COMPILED_MIN_CAPABILITY = (8, 0)  # the launch table's oldest rows (flashattn/triton/launch.py)
+COMPILED_MIN_TRITON = (3, 6)  # the oldest triton the compiled kernels were tested with
+INTERPRETED_MIN_TRITON = (3, 7)  # earlier interpreters fail on range(lo, hi, BLOCK) with lo > 0
 
 
 def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
@@ -85,9 +96,79 @@ def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
             (x @ x).sum().backward()
         major, _ = torch.cuda.get_device_capability(dev)
         dtype = torch.bfloat16 if major >= 8 else torch.float16
-        return BookSetup(dev, torch.cuda.get_device_name(dev), dtype, _GPU_SIZES, seed)
+        sizes = _GPU_SIZES if gpu_memory_gib(dev) >= _SMALL_GPU_GIB else _SMALL_GPU_SIZES
+        return BookSetup(dev, torch.cuda.get_device_name(dev), dtype, sizes, seed)
     name = f"{torch.get_num_threads()} CPU threads" if dev.type == "cpu" else dev.type
     return BookSetup(dev, name, torch.float32, _CPU_SIZES, seed)
+
+
+def gpu_memory_gib(device: torch.device | str | None = None) -> float:
+    """The memory a program may use on the CUDA ``device``, in GiB.
+
+    The device's total memory, or less where a cap was set with
+    ``torch.cuda.set_per_process_memory_fraction``: chapter sizes follow it.
+    """
+    dev = torch.device(device if device is not None else "cuda")
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    _, total = torch.cuda.mem_get_info(index)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda _: 1.0)(index)
+    return total * fraction / GIB
+
+
+@dataclass(frozen=True)
+class KernelSupport:
+    """Whether the package's Triton kernels run on a device here, and if not, why and what would run them.
+
+    ``where`` is "compiled" (an NVIDIA GPU), "interpreted" (Triton's
+    interpreter on the CPU) or "" when they do not run; ``reason`` is one
+    line for the reader, empty when they run.
+    """
+
+    runs: bool
+    where: str
+    reason: str
+
+    def skip(self, what: str) -> bool:
+        """Print one line saying that ``what`` is skipped and why, and return True, when the kernels do not run."""
+        if not self.runs:
+            print(f"skipped: {what}. {self.reason}")
+        return not self.runs
+
+
+def kernel_support(device: torch.device | str) -> KernelSupport:
+    """Whether ``triton_attention`` and the decoding kernels can run on ``device`` in this Python.
+
+    On a CUDA GPU they need compute capability 8.0 or newer and triton 3.6 or
+    newer; on the CPU they run in Triton's interpreter, which these kernels
+    need from triton 3.7 on. Does not import triton when it is missing, and
+    never raises.
+    """
+    device = torch.device(device)
+    found = f"torch {torch.__version__}"
+    if importlib.util.find_spec("triton") is None:
+        need = '"triton>=3.7"' if device.type == "cpu" else '"triton>=3.6"'
+        return KernelSupport(False, "", f"The kernels need triton, which is not installed here ({found}); "
+                             f"pip install {need} runs them{' in its interpreter' * (device.type == 'cpu')}.")
+    version = metadata.version("triton")
+    found = f"triton {version} with {found}"
+    have = tuple(int(part) for part in version.split(".")[:2])
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < COMPILED_MIN_CAPABILITY:
+            return KernelSupport(False, "", f"The kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
+                                 f"this {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
+                                 "An A100, L4, H100 or later runs them.")
+        if have < COMPILED_MIN_TRITON:
+            return KernelSupport(False, "", f"The compiled kernels need triton 3.6 or newer, and this machine has "
+                                 f"{found}; a torch that ships triton 3.6 or newer (torch 2.10 on) runs them.")
+        return KernelSupport(True, "compiled", "")
+    if device.type == "cpu":
+        if have < INTERPRETED_MIN_TRITON:
+            return KernelSupport(False, "", f"Triton's interpreter runs these kernels from triton 3.7 on, and this "
+                                 f'machine has {found}; pip install "triton>=3.7" (with a torch that allows it) '
+                                 "runs them on the CPU.")
+        return KernelSupport(True, "interpreted", "")
+    return KernelSupport(False, "", f"The kernels run on NVIDIA GPUs and on the CPU, not on {device.type}.")
 
 
 def max_error(got: Tensor, want: Tensor) -> float:
@@ -111,3 +192,18 @@ def check(claim: str, got: Tensor, want: Tensor, atol: float) -> None:
     print(f"{claim}: max |error| = {err:.1e} (tolerance {atol:.0e})")
     if not err <= atol:  # a NaN error fails too
         raise AssertionError(f"{claim}: max |error| = {err:.3e} exceeds the tolerance {atol:.0e}")
+
+
+def committed_result(name: str) -> dict:
+    """A benchmark result that ships with the package (``flashattn/results/<name>``), as a dict.
+
+    The chapters quote these measurements of the GPU runner; reading them from
+    the installed package, not from the network, keeps a chapter's prose and
+    the data of its release together, on any machine.
+    """
+    folder = resources.files("flashattn") / "results"
+    path = folder / name
+    if not path.is_file():
+        names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
+        raise ValueError(f"no committed result {name!r}; flashattn/results holds {', '.join(names)}")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,42 +1,121 @@
-"""Execute notebooks in place, top to bottom, as the book stores them.
+"""Execute notebooks top to bottom, as the book stores them, and say how each ended.
 
     python3 scripts/execute_notebooks.py notebooks/04_online_softmax.ipynb [...]
+    python3 scripts/execute_notebooks.py --out DIR --report run.json notebooks/*.ipynb
 
 Each notebook runs in a fresh kernel with notebooks/ as its working folder,
 without per-cell timestamps (so a committed notebook changes only where its
-outputs do), and the time it took is printed. A notebook with a cell that
-raises is written with the error in its outputs, the others still run, and
-the command exits with status 1.
+outputs do), and the time it took is printed. By default the executed
+notebook is written back in place (the GPU runner's run, which makes the
+stored outputs); with ``--out`` it is written into DIR instead, leaving the
+chapter as it was (the runs of the readers' environments). ``--report``
+writes a JSON record: the commit, the versions, and per chapter whether it
+finished, the cell that raised, and the lines it printed for what it skipped.
+A notebook with a cell that raises is written with the error in its outputs,
+the others still run, and the command exits with status 1.
 """
 
 from __future__ import annotations
 
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import nbformat
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
 
-def execute(path: str) -> float:
-    """Run the notebook at ``path`` and write it back with its outputs; return the seconds it took."""
+def execute(path: str, out: str | None) -> tuple[float, nbformat.NotebookNode]:
+    """Run the notebook at ``path``; write it to ``out`` (a folder) or back in place; return seconds and notebook."""
     start = time.perf_counter()
     nb = nbformat.read(path, as_version=4)
+    target = Path(out) / Path(path).name if out else Path(path)
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3", record_timing=False,
-                       resources={"metadata": {"path": "notebooks"}}).execute()
+                       resources={"metadata": {"path": str(Path(path).parent)}}).execute()
     finally:
-        nbformat.write(nb, path)
-    return time.perf_counter() - start
+        nbformat.write(nb, target)
+    return time.perf_counter() - start, nb
 
 
-if __name__ == "__main__":
-    failed = []
-    for path in sys.argv[1:]:
+def printed_lines(nb: nbformat.NotebookNode, prefix: str) -> list[str]:
+    """The lines of the notebook's stream outputs that start with ``prefix``."""
+    return [line for cell in nb.cells if cell.cell_type == "code" for output in cell.get("outputs", [])
+            if output.get("output_type") == "stream" for line in output.get("text", "").splitlines()
+            if line.startswith(prefix)]
+
+
+def failed_cell(nb: nbformat.NotebookNode) -> dict | None:
+    """The index and error of the first code cell whose outputs hold an error, or None."""
+    for index, cell in enumerate(nb.cells):
+        for output in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if output.get("output_type") == "error":
+                return {"cell": index, "error": f"{output.get('ename')}: {output.get('evalue', '')}"[:500]}
+    return None
+
+
+def environment() -> dict:
+    """The commit, machine and versions of this run."""
+    def version(name: str) -> str | None:
+        if importlib.util.find_spec(name) is None:
+            return None
+        return getattr(__import__(name), "__version__", "unknown")
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    info = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "python": platform.python_version(), "torch": version("torch"), "triton": version("triton"),
+            "emulation": os.environ.get("FLASHATTN_EMULATE_GPU") or None}
+    import torch
+
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["capability"] = list(torch.cuda.get_device_capability())
+    else:
+        info["device"] = "cpu"
+    return info
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebooks", nargs="+")
+    parser.add_argument("--out", help="write the executed notebooks into this folder, not in place")
+    parser.add_argument("--report", help="write a JSON record of the run here")
+    args = parser.parse_args()
+    chapters, failed = [], []
+    for path in args.notebooks:
+        record = {"notebook": Path(path).name}
         try:
-            print(f"executed {path} in {execute(path):.0f} s", flush=True)
+            seconds, nb = execute(path, args.out)
+            print(f"executed {path} in {seconds:.0f} s", flush=True)
+            record.update(passed=True, seconds=round(seconds, 1))
         except CellExecutionError as error:
             failed.append(path)
             print(f"FAILED {path}:\n{str(error)[-3000:]}", flush=True)
-    sys.exit(1 if failed else 0)
+            nb = nbformat.read(Path(args.out) / Path(path).name if args.out else path, as_version=4)
+            record.update(passed=False, failure=failed_cell(nb))
+        record["code_cells"] = sum(cell.cell_type == "code" for cell in nb.cells)
+        record["skipped"] = printed_lines(nb, "skipped: ")
+        for line in record["skipped"]:
+            print(f"  {line}")
+        chapters.append(record)
+    if args.report:
+        report = {**environment(), "chapters": chapters,
+                  "summary": f"{len(chapters) - len(failed)} passed, {len(failed)} failed"}
+        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"notebooks: {len(chapters) - len(failed)} passed, {len(failed)} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

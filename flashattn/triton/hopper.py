@@ -47,7 +47,7 @@ class HopperLaunch:
 _L = HopperLaunch
 # (padded head dimension, causal, length) -> launches of the forward, dK/dV and dQ kernels; None keeps
 # the pointer kernel at the launch table's config. "short": neither i nor j above SHORT. Chosen by
-# benchmarks/tune_hopper.py on the H200 (benchmarks/results/hopper-steps-h200.json): a Hopper launch only
+# benchmarks/tune_hopper.py on the H200 (flashattn/results/hopper-steps-h200.json): a Hopper launch only
 # where it was at least as fast as the pointer kernel at every length of its row. Warp-specialised loops
 # never were, and are not used.
 SHORT = 1024

@@ -55,7 +55,7 @@ def _configs(fwd: _Launch, dkdv: _Launch, dq: _Launch) -> KernelConfigs:
 # SHORT, "long" otherwise, "any" where the length does not matter. For dK/dV, block_k is the tile a
 # program owns and block_q the tile it streams; for the forward and dQ, the other way round.
 #
-# Hopper's rows are chosen by benchmarks/tune_triton.py on the H200 (benchmarks/results/tune-h200-*.json):
+# Hopper's rows are chosen by benchmarks/tune_triton.py on the H200 (flashattn/results/tune-h200-*.json):
 # long sequences favour large tiles; short causal ones small tiles, which waste less work on the
 # diagonal (9-14% faster at n = 1k). Without the causal rule, the small tiles gain 2-3% at n = 1k
 # and lose 6-9% at n = 2k. Ampere's rows are not measured here: they are shapes that fit the
