@@ -30,4 +30,16 @@ __all__ = [
     "unshard_sequence",
 ]
 
-__version__ = "0.1.0"
+# pyproject.toml's version, as installed into the package's metadata; a source
+# checkout that is on sys.path without being installed reads its pyproject.toml.
+try:
+    from importlib.metadata import version as _installed_version
+
+    __version__ = _installed_version("flashattn")
+except ImportError:  # importlib.metadata.PackageNotFoundError
+    import pathlib as _pathlib
+    import re as _re
+
+    _pyproject = _pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml"
+    _found = _pyproject.is_file() and _re.search(r'^version = "(.+)"$', _pyproject.read_text(encoding="utf-8"), _re.M)
+    __version__ = _found.group(1) if _found else "0+unknown"
