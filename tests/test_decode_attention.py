@@ -18,7 +18,11 @@ import torch
 
 from flashattn import FlashAttention, decode_attention
 from flashattn.decoding import _uses_kernels, split_kv_attention
-from flashattn.triton.decoding import MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, row_block, specialization
+import flashattn.triton.decoding as triton_decoding
+from flashattn.triton.decoding import (
+    MAX_SPLITS, MIN_TILES_PER_SPLIT, choose_num_splits, decode_config, resident_programs, row_block, specialization,
+    triton_decode,
+)
 from flashattn.triton.runtime import is_interpreted, load_kernels
 from reference import reference_attention
 
@@ -170,22 +174,65 @@ def test_one_head_shared_by_all():
     assert rel_error(got, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float32]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # the kernels (interpreted on the CPU), the PyTorch code
+def test_strided_caches(dtype):
+    """Caches read from a (b, j, h_kv, d) layout, a value cache cut from a wider buffer, q with no unit stride."""
+    b, h, h_kv, i, j, d, d_v = 2, 4, 2, 3, 70, 16, 24
+    lens = torch.tensor([70, 33])
+    q, k, v = make_cache(b, h, h_kv, i, j, d, d_v, lens, dtype=dtype, seed=15)
+    k_strided = k.transpose(1, 2).contiguous().transpose(1, 2)  # (b, h_kv, j, d) view of (b, j, h_kv, d)
+    wide = torch.full((b, h_kv, j, d_v + 8), float("nan"), dtype=dtype)
+    wide[..., :d_v] = v
+    v_strided = wide[..., :d_v]  # rows of d_v + 8, NaN past d_v
+    q_strided = q.transpose(2, 3).contiguous().transpose(2, 3)  # last stride i, not 1
+    assert not (k_strided.is_contiguous() or v_strided.is_contiguous() or q_strided.stride(-1) == 1)
+    o = decode_attention(q_strided, k_strided, v_strided, lens, num_splits=2)
+    assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[dtype]
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_clamps_lengths_to_the_cache(num_splits):
+    """The chunk kernel clamps each length to [0, j], as it must inside a CUDA graph capture, where the host does not check.
+
+    ``triton_decode`` takes the lengths as ``decode_attention`` hands them on
+    during a capture, unchecked. The caches are the first j slots of a longer
+    buffer whose later slots hold NaN: a length past j that were not clamped
+    would read them.
+    """
+    b, h, h_kv, i, j, d = 3, 4, 2, 2, 50, 16
+    q, k_long, v_long = make_cache(b, h, h_kv, i, j + 40, d, d, torch.full((b,), j), seed=16)
+    k, v = k_long[:, :, :j], v_long[:, :, :j]
+    lens = torch.tensor([j + 30, -5, 17])
+    o = triton_decode(q, k, v, lens, d**-0.5, num_splits)
+    assert rel_error(o, reference_decode(q, k, v, lens.clamp(0, j))) < TOLERANCE[torch.float32]
+
+
 def test_empty_problems():
-    q = torch.randn(2, 4, 1, 16)
-    assert decode_attention(q, torch.randn(2, 2, 0, 16), torch.randn(2, 2, 0, 8)).shape == (2, 4, 1, 8)
-    assert decode_attention(q[:, :, :0], torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 8)).shape == (2, 4, 0, 8)
+    """No key (j = 0) gives zeros, never NaN; no query or no sequence gives an empty result of the right shape."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(2, 4, 3, 16, generator=gen)
+    no_key = decode_attention(q, torch.randn(2, 2, 0, 16, generator=gen), torch.randn(2, 2, 0, 8, generator=gen))
+    assert no_key.shape == (2, 4, 3, 8) and no_key.dtype == q.dtype
+    assert torch.equal(no_key, torch.zeros(2, 4, 3, 8))
+    k, v = torch.randn(2, 2, 5, 16, generator=gen), torch.randn(2, 2, 5, 8, generator=gen)
+    assert decode_attention(q[:, :, :0], k, v).shape == (2, 4, 0, 8)
+    assert decode_attention(q[:0], k[:0], v[:0], torch.zeros(0, dtype=torch.int64)).shape == (0, 4, 3, 8)
 
 
 def test_gradients_are_refused_with_a_message():
-    q = torch.randn(1, 2, 1, 16, requires_grad=True)
-    kv = torch.randn(1, 2, 20, 16)
+    gen = torch.Generator().manual_seed(13)
+    q = torch.randn(1, 2, 1, 16, generator=gen, requires_grad=True)
+    kv = torch.randn(1, 2, 20, 16, generator=gen)
     o = decode_attention(q, kv, kv)
     with pytest.raises(RuntimeError, match="decode_attention is for inference"):
         o.sum().backward()
 
 
 def _inputs():
-    return torch.randn(2, 4, 1, 16), torch.randn(2, 2, 10, 16), torch.randn(2, 2, 10, 8)
+    gen = torch.Generator().manual_seed(14)
+    return (torch.randn(2, 4, 1, 16, generator=gen), torch.randn(2, 2, 10, 16, generator=gen),
+            torch.randn(2, 2, 10, 8, generator=gen))
 
 
 @pytest.mark.parametrize(
@@ -244,6 +291,31 @@ def test_programs_per_sm_are_read_per_compiled_variant():
     assert specialization(one) != specialization(four)
     assert specialization(one) == ((False, False), (True, False), (False, True))
     assert specialization((7, 4, 4096)) == specialization((9, 4, 4112))  # the same variant
+
+
+def test_programs_per_sm_are_measured_once_per_compiled_variant(monkeypatch):
+    """``resident_programs`` keys its cache by the compiled variant: i = 1 and i = 4 are measured apart, a repeat is not."""
+    measured = []
+
+    def measure(kernel, device, cfg, args, constants):  # stands in for compiling on a GPU
+        measured.append(args[2])
+        return {1: 5, 4: 3}[args[2]]
+
+    monkeypatch.setattr(triton_decoding, "_resident", {})
+    monkeypatch.setattr(triton_decoding, "_measure_resident", measure)
+    device, cfg = torch.device("cuda", 0), decode_config(torch.bfloat16, interpreted=False)
+    q = torch.empty(1, dtype=torch.bfloat16)
+    constants = dict(D=64, DV=64, BLOCK_M=16, BLOCK_K=64, HAS_LENS=True)
+
+    def args(i, j=4096):
+        return (q, 7, i, j, 2, 2.5)  # a stride, i, j, num_splits and a float
+
+    assert resident_programs(None, device, cfg, args(1), constants) == 5
+    assert resident_programs(None, device, cfg, args(4), constants) == 3
+    assert resident_programs(None, device, cfg, args(1, j=4112), constants) == 5  # the same variant (4112 = 257 x 16)
+    assert measured == [1, 4]
+    resident_programs(None, device, cfg, args(1), {**constants, "BLOCK_M": 32})  # another kernel
+    assert measured == [1, 4, 1]
 
 
 # --- on the GPU: the kernels at decoding sizes, against SDPA's own bf16 error

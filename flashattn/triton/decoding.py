@@ -31,7 +31,7 @@ class DecodeConfig:
     num_stages: int
 
 
-# Measured on the H200 by benchmarks/bench_decode.py --tune (benchmarks/results/decode-tune-h200.json):
+# Measured on the H200 by benchmarks/bench_decode.py --tune (flashattn/results/decode-tune-h200.json):
 # a decoding program streams K and V and does little arithmetic, so what counts is the bytes in
 # flight on each SM; two stages of 64-key tiles let four or five programs share an SM (four queries
 # need more registers than one). The same shapes fit an A100's shared memory.
@@ -79,24 +79,35 @@ def specialization(args: tuple) -> tuple:
     return tuple((a == 1, a % 16 == 0) for a in args if isinstance(a, int) and not isinstance(a, bool))
 
 
-def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
-    """Programs of the chunk kernel that the GPU runs at once: SMs times how many fit on one SM.
+def resident_programs(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
+    """Programs of the chunk kernel that fit on one SM at once, measured once per compiled variant.
 
-    What fits is read from the compiled kernel (its registers and shared
-    memory) against the SM's budget, once per compiled variant.
+    One query and four compile to different code (:func:`specialization`),
+    with different registers: the count is kept per variant, never shared
+    between two of them.
     """
     key = (device.index, cfg, tuple(sorted(constants.items())), args[0].dtype, specialization(args))
     if key not in _resident:
-        import triton
+        _resident[key] = _measure_resident(kernel, device, cfg, args, constants)
+    return _resident[key]
 
-        compiled = kernel.warmup(*args, grid=(1,), **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        compiled._init_handles()
-        sm = triton.runtime.driver.active.utils.get_device_properties(device.index)
-        threads = cfg.num_warps * 32
-        by_registers = sm["max_num_regs"] // max(1, compiled.n_regs * threads)
-        by_memory = sm["max_shared_mem"] // max(1, compiled.metadata.shared)
-        _resident[key] = max(1, min(by_registers, by_memory, 2048 // threads))
-    return _resident[key] * torch.cuda.get_device_properties(device).multi_processor_count
+
+def _measure_resident(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
+    """Compile the chunk kernel for ``args`` and read what fits on one SM: its registers and shared memory against the SM's."""
+    import triton
+
+    compiled = kernel.warmup(*args, grid=(1,), **constants, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    compiled._init_handles()
+    sm = triton.runtime.driver.active.utils.get_device_properties(device.index)
+    threads = cfg.num_warps * 32
+    by_registers = sm["max_num_regs"] // max(1, compiled.n_regs * threads)
+    by_memory = sm["max_shared_mem"] // max(1, compiled.metadata.shared)
+    return max(1, min(by_registers, by_memory, 2048 // threads))
+
+
+def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constants: dict) -> int:
+    """Programs of the chunk kernel that the GPU runs at once: SMs times how many fit on one SM."""
+    return resident_programs(kernel, device, cfg, args, constants) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @dataclass
