@@ -51,8 +51,16 @@ def _as_4d(t: Tensor) -> Tensor:
     return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def _zero_rows_kernel():
-    """The in-place row zeroing of :mod:`flashattn.triton.empty_rows`, or None without triton."""
+def zero_rows_kernel(o: Tensor):
+    """The kernel that zeroes rows of ``o`` in place (:mod:`flashattn.triton.empty_rows`) where it applies, else None.
+
+    It applies to a CUDA ``o`` with a unit last stride, outside
+    ``torch.compile``, with triton installed; elsewhere ``masked_fill`` zeroes
+    the rows. Tests replace this function to run the kernel in Triton's
+    interpreter on the CPU.
+    """
+    if not o.is_cuda or o.stride(-1) != 1 or torch.compiler.is_compiling():
+        return None
     try:
         from .triton.empty_rows import zero_rows_without_key_
     except ImportError:
@@ -219,7 +227,7 @@ class FlashAttention(nn.Module):
         keep = keep | ~row_has_key
         attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
         o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
-        zero_rows_ = _zero_rows_kernel() if o.is_cuda and not torch.compiler.is_compiling() else None
-        if zero_rows_ is not None and o.stride(-1) == 1:
+        zero_rows_ = zero_rows_kernel(o)
+        if zero_rows_ is not None:
             return _ZeroRowsWithoutKey.apply(o, _as_4d(row_has_key)[..., 0], zero_rows_)
         return o.masked_fill(~_as_4d(row_has_key), 0.0)

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from reference import reference_attention
 
 triton = pytest.importorskip("triton")
+import flashattn.attention as attention_module  # noqa: E402
+from flashattn import FlashAttention  # noqa: E402
 from flashattn.attention import _ZeroRowsWithoutKey  # noqa: E402
 from flashattn.triton.empty_rows import zero_rows_without_key_  # noqa: E402
 
@@ -54,3 +56,37 @@ def test_gradients_through_the_in_place_zeroing():
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad.double().cpu(), grad_ref.double().cpu(), atol=1e-5, rtol=1e-5)
     assert (grads[0][0, :, 2] == 0).all() and (grads[0][1, :, 6] == 0).all()
+
+
+def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
+    """FlashAttention's flash path with the kernel doing the zeroing, as on a GPU: values and gradients of attention.
+
+    On the CPU the module zeroes with ``masked_fill``; here ``zero_rows_kernel``
+    hands it the kernel (interpreted on the CPU), so that the path a GPU takes
+    runs, and the test sees that it did.
+    """
+    calls = []
+
+    def kernel_for(o):
+        def zero_rows_(o, row_has_key):
+            calls.append(tuple(o.shape))
+            zero_rows_without_key_(o, row_has_key)
+
+        return zero_rows_
+
+    monkeypatch.setattr(attention_module, "zero_rows_kernel", kernel_for)
+    q = randn(2, 4, 7, 16, seed=8).requires_grad_()
+    k, v = randn(2, 2, 5, 16, seed=9).requires_grad_(), randn(2, 2, 5, 16, seed=10).requires_grad_()
+    mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(11)) > 0.3).to(DEVICE)
+    mask[1, 0, 4] = False  # an empty row by the mask; the causal rule empties rows 0 and 1 (i - j = 2)
+    o = FlashAttention(causal=True)(q, k, v, mask=mask)
+    assert calls == [(2, 4, 7, 16)]
+    do = randn(*o.shape, seed=12)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = reference_attention(q, k, v, causal=True, mask=mask)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double().cpu())
+    # float32 against float64: sums of at most 5 terms of unit-scale values, a few roundoffs of 6e-8
+    torch.testing.assert_close(o.double().cpu(), o_ref, atol=1e-5, rtol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.double().cpu(), grad_ref.double(), atol=1e-5, rtol=1e-5)
+    assert (o[:, :, :2] == 0).all() and (o[1, :, 4] == 0).all()
