@@ -8,6 +8,9 @@
 #
 #   bash scripts/emulated_gpu_run.sh [t4] [a100]
 #
+# The GPUs run one after the other, or side by side with PARALLEL=1 (the runner's GPU has the memory
+# of both caps); CHAPTERS (notebook names, space-separated) runs only those chapters.
+#
 # Needs nbclient and ipykernel (installed from .whl/ when missing, as scripts/gpu_notebooks.sh does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,14 +23,31 @@ export PYTHONPATH=$PWD/scripts/emulate:$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import matplotlib.pyplot"
 out=${OUT:-results}
 mkdir -p "$out"
+notebooks=()
+if [ -n "${CHAPTERS:-}" ]; then
+    for chapter in $CHAPTERS; do notebooks+=("notebooks/$chapter.ipynb"); done
+else
+    notebooks=(notebooks/*.ipynb)
+fi
+run() {  # run GPU: every chapter under that GPU's emulation
+    local executed
+    executed=$(mktemp -d)
+    echo "== chapters on an emulated $1"
+    FLASHATTN_EMULATE_GPU=$1 FLASHATTN_EMULATE_STRICT=1 "$py" scripts/execute_notebooks.py \
+        --out "$executed" --report "$out/emulated-$1.json" "${notebooks[@]}" >"$out/emulated-$1.log" 2>&1
+    local rc=$?
+    cat "$out/emulated-$1.log"
+    rm -rf "$executed"
+    return $rc
+}
+gpus=("$@")
+[ ${#gpus[@]} -gt 0 ] || gpus=(t4 a100)
 status=0
-for gpu in "${@:-t4 a100}"; do
-    for g in $gpu; do
-        echo "== chapters on an emulated $g"
-        executed=$(mktemp -d)
-        FLASHATTN_EMULATE_GPU=$g FLASHATTN_EMULATE_STRICT=1 "$py" scripts/execute_notebooks.py \
-            --out "$executed" --report "$out/emulated-$g.json" notebooks/*.ipynb || status=1
-        rm -rf "$executed"
-    done
-done
+if [ "${PARALLEL:-0}" = 1 ]; then
+    pids=()
+    for g in "${gpus[@]}"; do run "$g" & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+else
+    for g in "${gpus[@]}"; do run "$g" || status=1; done
+fi
 exit $status
