@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .inputs import prepare
+from .inputs import check_lengths_in_range, prepare
 from .online_softmax import finite_or_zero, merge_partials
 from .tiles import tile_slices
 from .triton.launch import KERNEL_DTYPES, MAX_HEAD_DIM, fits_kernels
@@ -88,14 +88,9 @@ def _check_cache_lens(cache_lens: Tensor | None, b: int, j: int, device: torch.d
         raise ValueError(f"cache_lens must have shape (b,) = ({b},), one length per sequence, got {tuple(cache_lens.shape)}")
     if cache_lens.device != device:
         raise ValueError(f"cache_lens is on {cache_lens.device} but q is on {device}")
-    if b and not (cache_lens.is_cuda and torch.cuda.is_current_stream_capturing()):
-        # one wait for the GPU when the lengths live there; a captured CUDA graph cannot wait, and
-        # there the kernel clamps each length to [0, j] instead
-        low, high = (int(x) for x in torch.aminmax(cache_lens))
-        if low < 0 or high > j:
-            raise ValueError(
-                f"cache_lens must lie in [0, j] = [0, {j}] (j = k_cache.shape[2]), got values from {low} to {high}"
-            )
+    # one wait for the GPU when the lengths live there; a captured CUDA graph cannot wait, and
+    # there the kernel clamps each length to [0, j] instead
+    check_lengths_in_range("cache_lens", cache_lens, j, "k_cache.shape[2]")
     return cache_lens
 
 

@@ -114,6 +114,21 @@ def check_attention_inputs(
     return k4, v4
 
 
+def check_lengths_in_range(name: str, lengths: Tensor, j: int, j_is: str = "") -> None:
+    """Raise ``ValueError`` unless every value of the integer tensor ``lengths`` lies in ``[0, j]``.
+
+    Reading the values waits for the GPU once when they live there; inside a
+    CUDA graph capture, which cannot wait, nothing is checked. ``j_is`` says
+    where ``j`` comes from, for the error (``"k_cache.shape[2]"``).
+    """
+    if lengths.numel() == 0 or (lengths.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    low, high = (int(x) for x in torch.aminmax(lengths))
+    if low < 0 or high > j:
+        where = f" (j = {j_is})" if j_is else ""
+        raise ValueError(f"{name} must lie in [0, j] = [0, {j}]{where}, got values from {low} to {high}")
+
+
 def check_flag(name: str, value: bool) -> bool:
     """Return ``value`` if it is a bool; raise ``TypeError`` naming ``name`` otherwise (``0.1`` is not ``True``)."""
     if not isinstance(value, bool):

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .inputs import check_lengths_in_range
+
 
 def causal_mask(i: int, j: int, device: torch.device | str | None = None) -> Tensor:
     """The causal mask of ``i`` queries over ``j`` keys, aligned bottom-right.
@@ -23,7 +25,8 @@ def causal_mask(i: int, j: int, device: torch.device | str | None = None) -> Ten
 def padding_mask(lengths: Tensor | Sequence[int], j: int) -> Tensor:
     """Key-padding mask: batch element ``n`` may attend its first ``lengths[n]`` keys.
 
-    ``lengths`` is an integer tensor of shape ``(b,)`` (or a list of ints).
+    ``lengths`` is an integer tensor of shape ``(b,)`` (or a list of ints)
+    with values in ``[0, j]``; others raise ``ValueError``.
     Returns a bool tensor of shape ``(b, 1, 1, j)`` on the device of
     ``lengths``, which broadcasts over heads and queries without being
     expanded, so the fused kernels stay eligible.
@@ -38,6 +41,7 @@ def padding_mask(lengths: Tensor | Sequence[int], j: int) -> Tensor:
             f"lengths must be a 1-D integer tensor (b,), got shape {tuple(lengths.shape)} "
             f"and dtype {lengths.dtype}"
         )
+    check_lengths_in_range("lengths", lengths, j)
     positions = torch.arange(j, device=lengths.device)  # (j,)
     return (positions < lengths[:, None])[:, None, None, :]  # (b, 1, 1, j)
 

@@ -13,6 +13,15 @@ from reference import reference_attention
 PATHS = [True, False]  # flash, einsum
 
 
+@pytest.fixture
+def fresh_compiler():
+    """A test that compiles starts and leaves with dynamo's caches empty: compiles of other tests count
+    against a function's recompile limit, and this test's must not count against the next one's."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def randn(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
 
@@ -66,11 +75,17 @@ def test_key_padding_of_whole_batch_element(flash):
 
 
 def test_padding_mask_values_and_errors():
-    mask = padding_mask(torch.tensor([2, 0, 5]), 4)
+    mask = padding_mask(torch.tensor([2, 0, 4]), 4)
     expected = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     assert torch.equal(mask[:, 0, 0], expected)
     with pytest.raises(ValueError, match=r"lengths must be a 1-D integer tensor .*\(2, 1\)"):
         padding_mask(torch.tensor([[2], [3]]), 4)
+    # a length past j or below 0 is an error, as decode_attention's cache_lens
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, j\] = \[0, 4\], got values from -1 to 5"):
+        padding_mask([5, -1], 4)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, j\] = \[0, 4\], got values from 0 to 5"):
+        padding_mask(torch.tensor([5, 0]), 4)
+    assert padding_mask(torch.zeros(0, dtype=torch.int64), 4).shape == (0, 1, 1, 4)
 
 
 def test_alibi_bias_values():
@@ -101,19 +116,31 @@ def test_scale_default_and_custom(flash):
 
 
 @pytest.mark.parametrize("flash", PATHS)
-def test_dropout_acts_in_training_only_and_keeps_the_expectation(flash):
-    q, k, v = randn(1, 1, 4, 8, seed=17), randn(1, 1, 6, 8, seed=18), randn(1, 1, 6, 8, seed=19)
-    m = FlashAttention(dropout=0.3, flash=flash)
+def test_dropout_acts_in_training_only_drops_its_share_and_scales_the_rest(flash):
+    """Inverted dropout: each weight is dropped with probability 0.3, and a kept one is scaled by 1 / 0.7.
+
+    With v the identity (d_v = j) the output row is the row of weights
+    itself, so every sample shows which weights were dropped (exactly 0: the
+    weights of finite scores are positive) and what the others became.
+    """
+    i, j, rate, samples = 4, 6, 0.3, 1000
+    q, k = randn(1, 1, i, 8, seed=17), randn(1, 1, j, 8, seed=18)
+    v = torch.eye(j, dtype=torch.float64)[None, None]  # (1, 1, j, j)
+    weights = reference_attention(q, k, v)  # (1, 1, i, j): the softmax itself
+    m = FlashAttention(dropout=rate, flash=flash)
     m.eval()
-    torch.testing.assert_close(m(q, k, v), reference_attention(q, k, v), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(m(q, k, v), weights, atol=1e-12, rtol=1e-12)
     m.train()
-    torch.manual_seed(0)
-    samples = torch.stack([m(q, k, v) for _ in range(4000)])
-    assert not torch.allclose(samples[0], samples[1])
-    # inverted dropout: each weight is kept with probability 0.7 and scaled by 1/0.7,
-    # so the mean output is the dropout-free output; the standard error of a mean of 4000
-    # samples of |o| <~ 3 is below 0.05, so 0.15 is about three standard errors
-    torch.testing.assert_close(samples.mean(0), reference_attention(q, k, v), atol=0.15, rtol=0)
+    with torch.random.fork_rng():  # dropout draws from the global generator; later tests get it back as it was
+        torch.manual_seed(0)
+        out = torch.stack([m(q, k, v) for _ in range(samples)])  # (samples, 1, 1, i, j)
+    dropped = out == 0
+    # samples * i * j = 24000 Bernoulli(0.3) draws: standard deviation sqrt(0.21 / 24000) = 0.003 of the
+    # share dropped; 4 of them is 0.012, far below the 0.1 of a module that drops a third too few
+    share = dropped.double().mean().item()
+    assert abs(share - rate) < 4 * (rate * (1 - rate) / dropped.numel()) ** 0.5, share
+    kept = (weights / (1 - rate)).expand_as(out)
+    torch.testing.assert_close(out[~dropped], kept[~dropped], atol=1e-12, rtol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.0, 1.5])
@@ -144,7 +171,7 @@ def test_output_has_dtype_of_q_and_value_width(flash):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_works_inside_torch_compile(causal):
+def test_works_inside_torch_compile(causal, fresh_compiler):
     q, k, v = randn(1, 2, 5, 8, seed=20), randn(1, 1, 7, 8, seed=21), randn(1, 1, 7, 8, seed=22)
     mask = torch.rand(1, 1, 5, 7, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[0, 0, 2] = False
@@ -249,9 +276,8 @@ def test_nan_in_q_reaches_its_row_only_on_the_einsum_path_by_definition(flash):
 
 # torch 2.11 warns from inside its own compiler here; that is not the module's warning
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
-def test_compiles_with_dynamic_shapes():
+def test_compiles_with_dynamic_shapes(fresh_compiler):
     """torch.compile(dynamic=True) once failed on every flash-path call: enable_gqa received a SymBool."""
-    torch._dynamo.reset()  # the compiles of other tests count against this function's recompile limit
     m = torch.compile(FlashAttention(causal=True), fullgraph=True, dynamic=True, backend="aot_eager")
     for i, j, h_kv in ((5, 7, 1), (6, 9, 2), (9, 9, 2)):
         q, k, v = randn(1, 2, i, 8, seed=i), randn(1, h_kv, j, 8, seed=j), randn(1, h_kv, j, 8, seed=j + 1)
@@ -269,3 +295,50 @@ def test_mask_helpers_reject_bad_arguments():
         alibi_bias(0, 5, 9)
     with pytest.raises(ValueError, match="lengths must be a 1-D integer tensor"):
         padding_mask([1.5, 2.0], 4)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_non_contiguous_inputs_mask_and_bias(flash):
+    """q, k, v cut from (b, i, h, d) layouts, as a model's projections give them; a transposed mask and bias."""
+    b, h, h_kv, i, j, d = 2, 4, 2, 6, 9, 8
+    q = randn(b, i, h, d, seed=70).transpose(1, 2).requires_grad_()
+    k = randn(b, j, h_kv, d, seed=71).transpose(1, 2).requires_grad_()
+    v = randn(b, j, h_kv, d + 4, seed=72)[..., ::2].transpose(1, 2).requires_grad_()  # every other column
+    mask = torch.rand(b, 1, j, i, generator=torch.Generator().manual_seed(73)).transpose(-1, -2) > 0.3
+    mask[0, 0, 3] = False  # an empty row
+    bias = randn(h, j, i, seed=74).transpose(-1, -2)
+    assert not any(t.is_contiguous() for t in (q, k, v, mask, bias))
+    o = FlashAttention(causal=True, flash=flash)(q, k, v, mask=mask, attn_bias=bias)
+    do = randn(*o.shape, seed=75)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    o_ref = reference_attention(q, k, v, causal=True, mask=mask, attn_bias=bias)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do)
+    torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+@pytest.mark.parametrize("scale", [0.0, -0.4])
+def test_zero_and_negative_scale(flash, scale):
+    """scale 0 weighs every kept key alike; a negative scale favours the keys least like the query."""
+    q = randn(2, 2, 5, 8, seed=76).requires_grad_()
+    k, v = randn(2, 2, 7, 8, seed=77).requires_grad_(), randn(2, 2, 7, 8, seed=78).requires_grad_()
+    mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(79)) > 0.3
+    for kwargs in ({}, {"mask": mask}):
+        o = FlashAttention(causal=True, flash=flash, scale=scale)(q, k, v, **kwargs)
+        o_ref = reference_attention(q, k, v, causal=True, scale=scale, **kwargs)
+        torch.testing.assert_close(o, o_ref, atol=1e-12, rtol=1e-12)
+        do = randn(*o.shape, seed=80)
+        for grad, grad_ref in zip(torch.autograd.grad(o, (q, k, v), do), torch.autograd.grad(o_ref, (q, k, v), do)):
+            torch.testing.assert_close(grad, grad_ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("flash", PATHS)
+def test_a_mask_or_bias_on_another_device_is_named(flash):
+    q, k, v = randn(1, 2, 4, 8, seed=81), randn(1, 2, 6, 8, seed=82), randn(1, 2, 6, 8, seed=83)
+    m = FlashAttention(flash=flash)
+    with pytest.raises(ValueError, match="mask is on meta but q is on cpu"):
+        m(q, k, v, mask=torch.ones(4, 6, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match="attn_bias is on meta but q is on cpu"):
+        m(q, k, v, attn_bias=torch.zeros(2, 4, 6, device="meta"))
