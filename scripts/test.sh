@@ -5,7 +5,10 @@
 #   2. the unit tests and the stored-output lint (pytest tests);
 #   3. every notebook executed again on the CPU and compared with its stored
 #      outputs (nbval);
-#   4. every page of the built site opened in headless Chromium. It needs
+#   4. the chapters that use Triton executed as two more kinds of reader run them
+#      (scripts/reader_env.sh): without triton, and with a triton too old for
+#      Triton's interpreter; each in a virtual environment of its own;
+#   5. every page of the built site opened in headless Chromium. It needs
 #      Debian's chromium and chromium-driver: as root they are installed with
 #      apt-get when missing; otherwise the check is reported as not run.
 # It ends with a summary and exits non-zero when a check failed or could not run.
@@ -45,6 +48,11 @@ check "unit tests and stored-output lint (pytest tests)" "$py" -m pytest tests
 check "notebooks against their stored outputs (pytest --nbval notebooks)" \
     "$py" -m pytest -p no:cacheprovider --nbval --nbval-current-env \
     --nbval-sanitize-with notebooks/nbval_sanitize.cfg notebooks
+
+for reader in no-triton old-triton; do
+    check "the Triton chapters in a reader's environment: $reader (scripts/reader_env.sh $reader)" \
+        bash scripts/reader_env.sh "$reader"
+done
 
 # The browser check drives /usr/bin/chromium through /usr/bin/chromedriver.
 browser="the built site in headless Chromium (tests/browser/check_site.py)"
