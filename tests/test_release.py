@@ -44,7 +44,8 @@ def test_package_reports_pyprojects_version():
     import flashattn
 
     assert flashattn.__version__ == project_version(), (
-        "flashattn's installed metadata is of another version: install it again (bash scripts/install.sh)"
+        "flashattn's installed metadata is of another version: install it again (bash scripts/install.sh), "
+        "and remove a flashattn.egg-info left in the repository's root by `pip install .`, which shadows it"
     )
 
 
