@@ -90,6 +90,15 @@ def test_streaming_softmax_matches_definition(s, block):
     torch.testing.assert_close(lse, torch.log(torch.exp(s).sum(dim=-1)), atol=1e-13, rtol=1e-13)
 
 
+def test_rows_of_no_entries():
+    """n = 0: the softmax of an empty row is empty, and its log-sum-exp that of an empty sum, -inf."""
+    s = torch.empty(3, 2, 0, dtype=torch.float64)
+    p = safe_softmax(s)
+    assert p.shape == (3, 2, 0) and p.dtype == torch.float64
+    p, lse = streaming_softmax(s, 4)
+    assert p.shape == (3, 2, 0) and lse.shape == (3, 2) and torch.isneginf(lse).all()
+
+
 def test_streaming_softmax_first_blocks_masked():
     """A row whose first blocks are all -inf picks up its maximum late, with no NaN on the way."""
     s = torch.tensor([[NEG_INF, NEG_INF, NEG_INF, 2.0, 700.0, 1.0]], dtype=torch.float64)
