@@ -184,8 +184,8 @@ def changes(text: str, new: str) -> list[str]:
         if a != b:
             same = next((n for n, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
             start = max(0, same - 40)
-            cut = lambda s: ("..." if start else "") + s[start:].strip()[:100]
-            shown.append(f"{cut(a)}  ->  {cut(b)}")
+            a, b = ((("..." if start else "") + s[start:].strip())[:100] for s in (a, b))
+            shown.append(f"{a}  ->  {b}")
     return shown
 
 
