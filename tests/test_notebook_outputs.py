@@ -35,7 +35,7 @@ SETUP_CELL = """\
 try:
     import flashattn
 except ImportError:
-    %pip install --quiet git+{repository}
+    %pip install --quiet "flashattn @ git+{repository}@{ref}"
     import flashattn
 from flashattn.book import setup
 
@@ -133,14 +133,14 @@ def test_opens_with_the_colab_badge(path: Path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_first_code_cell_is_the_setup_cell(path: Path):
     cell = next(c for c in _read(path)["cells"] if c["cell_type"] == "code")
-    assert _text(cell["source"]) == SETUP_CELL.format(repository=_repository()["url"])
+    assert _text(cell["source"]) == SETUP_CELL.format(repository=_repository()["url"], ref=_repository()["branch"])
     # Its output names the device, so nbval must not compare it.
     assert IGNORE_OUTPUT in cell["metadata"].get("tags", [])
 
 
 def test_running_page_shows_the_setup_cell():
     page = (ROOT / "book" / "running.md").read_text(encoding="utf-8")
-    assert SETUP_CELL.format(repository=_repository()["url"]) in page
+    assert SETUP_CELL.format(repository=_repository()["url"], ref=_repository()["branch"]) in page
 
 
 # The checker itself, on notebooks made to fail it.
