@@ -4,7 +4,7 @@
 # memory of that GPU, and its memory as a cap). The executed notebooks go to a temporary folder;
 # the record of each run (commit, versions, per chapter: finished or the cell that raised, and the
 # lines printed for what was skipped) is written to $OUT/emulated-<gpu>.json, or to
-# results/ here when OUT is unset.
+# benchmarks/results/ when OUT is unset.
 #
 #   bash scripts/emulated_gpu_run.sh [t4] [a100]
 #
@@ -21,7 +21,7 @@ if ! "$py" -c "import nbclient, ipykernel" 2>/dev/null; then
 fi
 export PYTHONPATH=$PWD/scripts/emulate:$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import matplotlib.pyplot"
-out=${OUT:-results}
+out=${OUT:-benchmarks/results}
 mkdir -p "$out"
 notebooks=()
 if [ -n "${CHAPTERS:-}" ]; then
