@@ -7,11 +7,13 @@ eligible. Both share the input preparation, the mask rules and the zero rows.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from einops import repeat
 from torch import Tensor, nn
-from torch.nn.attention.bias import causal_lower_right
+from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from .inputs import check_dropout, check_flag, check_scale, prepare
 from .masks import causal_mask
@@ -89,6 +91,64 @@ class _ZeroRowsWithoutKey(torch.autograd.Function):
     def backward(ctx, do: Tensor) -> tuple[Tensor, None, None]:
         (row_has_key,) = ctx.saved_tensors
         return do.masked_fill(~row_has_key[..., None], 0.0), None, None
+
+
+def zero_rows_without_key(o: Tensor, row_has_key: Tensor) -> Tensor:
+    """``o`` ``(b, h, i, d_v)`` with zeros, and zero gradient, where ``row_has_key`` ``(b or 1, h or 1, i or 1, 1)`` is False."""
+    zero_rows_ = zero_rows_kernel(o)
+    if zero_rows_ is None:
+        return o.masked_fill(~row_has_key, 0.0)
+    return _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0], zero_rows_)
+
+
+class SdpaMasking(NamedTuple):
+    """How one call of ``F.scaled_dot_product_attention`` is told what each query may attend.
+
+    ``attn_mask``: None, a 4-D bool mask or float bias, or PyTorch's
+    bottom-right causal bias. ``is_causal``: SDPA's own causal flag (square,
+    top-left). ``skip``: the first query rows, which see no key: left out of
+    the call and given zeros. ``row_has_key``: None, or bool
+    ``(b or 1, h or 1, i or 1, 1)``, False for the rows that were given
+    every key in the call and must be zeroed after it.
+    """
+
+    attn_mask: Tensor | CausalBias | None = None
+    is_causal: bool = False
+    skip: int = 0
+    row_has_key: Tensor | None = None
+
+
+def sdpa_masking(
+    mask: Tensor | None, attn_bias: Tensor | None, causal: bool, i: int, j: int, dtype: torch.dtype, device: torch.device
+) -> SdpaMasking:
+    """The mask, the causal rule and the bias in the form that keeps SDPA's fused kernels eligible.
+
+    ``dtype`` is the dtype of ``q``, to which the bias is brought (:func:`bias_in`).
+    """
+    if mask is None and attn_bias is None:
+        if not causal or i == 1:  # a single query may attend every key
+            return SdpaMasking()
+        if i == j:
+            return SdpaMasking(is_causal=True)
+        if i > j:  # the first i - j queries see no key; the rest form a square causal problem
+            return SdpaMasking(is_causal=True, skip=i - j)
+        # bottom-right causal without a dense mask: the fused kernels take it natively;
+        # torch.compile cannot trace that bias object, so compiled code gets the (i, j) mask
+        if torch.compiler.is_compiling():
+            return SdpaMasking(attn_mask=_as_4d(causal_mask(i, j, device)))
+        return SdpaMasking(attn_mask=causal_lower_right(i, j))
+
+    keep = combined_keep(mask, causal, i, j, device)
+    bias = None if attn_bias is None else bias_in(dtype, attn_bias, keep)
+    if keep is None:
+        return SdpaMasking(attn_mask=_as_4d(bias))
+    # A row with no key to attend is given every key, then zeroed: the fused kernels disagree
+    # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
+    # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
+    row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
+    keep = keep | ~row_has_key
+    attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
+    return SdpaMasking(attn_mask=_as_4d(attn_mask), row_has_key=_as_4d(row_has_key))
 
 
 class FlashAttention(nn.Module):
@@ -189,45 +249,19 @@ class FlashAttention(nn.Module):
         x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias)
         if x.is_empty:
             return self.einsum_attn(q, k, v, mask=mask, attn_bias=attn_bias)  # zeros, or nothing, of the right shape
-        i, j = q.shape[2], x.k.shape[2]
+        call = sdpa_masking(mask, attn_bias, self.causal, q.shape[2], x.k.shape[2], q.dtype, q.device)
+        # PyTorch's causal kernels give NaN for a scale <= 0 (on the CPU they multiply the hidden
+        # scores, -inf, by the scale): folded into q, the scale leaves them a factor of 1
+        q, scale = (q * x.scale, 1.0) if x.scale <= 0 else (q, x.scale)
         # SDPA needs a plain bool; under torch.compile(dynamic=True) the comparison is symbolic, and
         # branching on it is what makes the compiler settle it (and guard on it)
         gqa = True if x.group > 1 else False  # noqa: SIM210
-
-        def sdpa(q: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
-            return F.scaled_dot_product_attention(
-                q, x.k, x.v, attn_mask=attn_mask, dropout_p=self._dropout_p(), is_causal=is_causal,
-                scale=x.scale, enable_gqa=gqa,
-            )
-
-        if mask is None and attn_bias is None:
-            if not self.causal or i == 1:  # a single query may attend every key
-                return sdpa(q)
-            if i == j:
-                return sdpa(q, is_causal=True)
-            if i < j:
-                # bottom-right causal without a dense mask: the fused kernels take it natively;
-                # torch.compile cannot trace that bias object, so compiled code gets the (i, j) mask
-                if torch.compiler.is_compiling():
-                    return sdpa(q, attn_mask=_as_4d(causal_mask(i, j, q.device)))
-                return sdpa(q, attn_mask=causal_lower_right(i, j))
-            # i > j: the first i - j queries see no key; the rest form a square causal problem
-            o = sdpa(q[:, :, i - j :], is_causal=True)  # (b, h, j, d_v)
-            return F.pad(o, (0, 0, i - j, 0))  # (b, h, i, d_v)
-
-        keep = combined_keep(mask, self.causal, i, j, q.device)
-        bias = None if attn_bias is None else bias_in(q.dtype, attn_bias, keep)
-        if keep is None:
-            return sdpa(q, attn_mask=_as_4d(bias))
-
-        # A row with no key to attend is given every key, then zeroed: the fused kernels disagree
-        # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
-        # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
-        row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
-        keep = keep | ~row_has_key
-        attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
-        o = sdpa(q, attn_mask=_as_4d(attn_mask))  # (b, h, i, d_v)
-        zero_rows_ = zero_rows_kernel(o)
-        if zero_rows_ is not None:
-            return _ZeroRowsWithoutKey.apply(o, _as_4d(row_has_key)[..., 0], zero_rows_)
-        return o.masked_fill(~_as_4d(row_has_key), 0.0)
+        o = F.scaled_dot_product_attention(
+            q[:, :, call.skip :], x.k, x.v, attn_mask=call.attn_mask, dropout_p=self._dropout_p(),
+            is_causal=call.is_causal, scale=scale, enable_gqa=gqa,
+        )  # (b, h, i - skip, d_v)
+        if call.skip:
+            o = F.pad(o, (0, 0, call.skip, 0))  # (b, h, i, d_v)
+        if call.row_has_key is not None:
+            o = zero_rows_without_key(o, call.row_has_key)
+        return o

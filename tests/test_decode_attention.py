@@ -352,7 +352,8 @@ def test_cuda_bf16_error_at_most_twice_sdpa(b, h, h_kv, i, j):
     for num_splits in (None, 1, 16, 333):
         o = decode_attention(q, k, v, lens, num_splits=num_splits)
         error = (o.double().cpu() - want).abs().max().item()
-        assert error <= 2 * sdpa_error, (num_splits, error, sdpa_error)
+        # below 2^-8 (two unit roundoffs of bfloat16 on outputs of size ~1) an error is rounding, whatever SDPA's
+        assert error <= max(2 * sdpa_error, 2**-8), (num_splits, error, sdpa_error)
 
 
 @on_cuda

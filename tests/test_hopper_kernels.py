@@ -20,7 +20,7 @@ from flashattn.triton.attention import _backward_preprocess, _TritonAttention
 from flashattn.triton.hopper import HopperLaunch, tma_fits
 from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import is_interpreted
-from test_triton_attention import TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
+from test_triton_attention import RATIO_FLOOR, TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
 
 INTERPRETED = is_interpreted(hopper._kernels().attn_fwd_tma_kernel)
 HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -131,7 +131,7 @@ def test_hopper_within_twice_pytorch_error(fwd, bwd, fused, b, h, h_kv, i, j, d,
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
     for name in ours:
-        assert ours[name] <= 2 * pytorch[name], (name, ours, pytorch)
+        assert ours[name] <= max(2 * pytorch[name], RATIO_FLOOR[torch.bfloat16]), (name, ours, pytorch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,5 +181,5 @@ def test_hopper_path_and_pointer_path_agree(d, causal):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
     for name in pytorch:
-        assert hopper_errs[name] <= 2 * pytorch[name] and pointer_errs[name] <= 2 * pytorch[name], (
-            name, hopper_errs, pointer_errs, pytorch)
+        bound = max(2 * pytorch[name], RATIO_FLOOR[torch.bfloat16])
+        assert hopper_errs[name] <= bound and pointer_errs[name] <= bound, (name, hopper_errs, pointer_errs, pytorch)

@@ -322,9 +322,14 @@ def test_non_contiguous_inputs_mask_and_bias(flash):
 @pytest.mark.parametrize("scale", [0.0, -0.4])
 def test_zero_and_negative_scale(flash, scale):
     """scale 0 weighs every kept key alike; a negative scale favours the keys least like the query."""
-    q = randn(2, 2, 5, 8, seed=76).requires_grad_()
-    k, v = randn(2, 2, 7, 8, seed=77).requires_grad_(), randn(2, 2, 7, 8, seed=78).requires_grad_()
-    mask = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(79)) > 0.3
+    for i, j in [(5, 7), (6, 6), (7, 5)]:  # the causal rule as a bias object, as SDPA's flag, rows without key
+        q = randn(2, 2, i, 8, seed=76).requires_grad_()
+        k, v = randn(2, 2, j, 8, seed=77).requires_grad_(), randn(2, 2, j, 8, seed=78).requires_grad_()
+        mask = torch.rand(2, 1, i, j, generator=torch.Generator().manual_seed(79)) > 0.3
+        check_scale_case(flash, scale, q, k, v, mask)
+
+
+def check_scale_case(flash, scale, q, k, v, mask):
     for kwargs in ({}, {"mask": mask}):
         o = FlashAttention(causal=True, flash=flash, scale=scale)(q, k, v, **kwargs)
         o_ref = reference_attention(q, k, v, causal=True, scale=scale, **kwargs)

@@ -40,6 +40,10 @@ on_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reaso
 # and so are the results: a few roundoffs, 2^-9. bfloat16 runs in float32 in the interpreter
 # and only its results are rounded (unit roundoff 2^-9): 2^-6, as for tiled_attention.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2**-9, torch.bfloat16: 2**-6}
+# "At most twice PyTorch's error" needs a floor: two errors of a roundoff or so compare as a ratio of
+# two rounding accidents. Below two unit roundoffs of the dtype (relative to the largest value) an
+# error is rounding, whatever PyTorch's own is.
+RATIO_FLOOR = {torch.float16: 2**-10, torch.bfloat16: 2**-8}
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -380,7 +384,7 @@ def test_cuda_within_twice_pytorch_error(b, h, h_kv, i, j, d, causal, dtype, lay
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
     for name in ours:
-        assert ours[name] <= 2 * pytorch[name], (name, ours, pytorch)
+        assert ours[name] <= max(2 * pytorch[name], RATIO_FLOOR[dtype]), (name, ours, pytorch)
 
 
 @on_cuda
