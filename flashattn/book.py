@@ -8,15 +8,16 @@ to the device: every device sees the same numbers.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 import warnings
 from dataclasses import dataclass
-from importlib import metadata, resources
+from importlib import resources
 
 import torch
 from torch import Tensor
+
+from .triton.runtime import triton_support
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,6 @@ _GPU_SIZES = Sizes(batch=4, heads=16, head_dim=128, seq_lens=(512, 1024, 2048, 4
 _SMALL_GPU_SIZES = Sizes(batch=1, heads=16, head_dim=128, seq_lens=(512, 1024, 2048, 4096))
 _SMALL_GPU_GIB = 32
 GIB = 2**30
-COMPILED_MIN_CAPABILITY = (8, 0)  # the launch table's oldest rows (flashattn/triton/launch.py)
-COMPILED_MIN_TRITON = (3, 6)  # the oldest triton the compiled kernels were tested with
-INTERPRETED_MIN_TRITON = (3, 7)  # earlier interpreters fail on range(lo, hi, BLOCK) with lo > 0
 
 
 def setup(seed: int = 0, device: torch.device | str | None = None) -> BookSetup:
@@ -138,37 +136,18 @@ class KernelSupport:
 def kernel_support(device: torch.device | str) -> KernelSupport:
     """Whether ``triton_attention`` and the decoding kernels can run on ``device`` in this Python.
 
-    On a CUDA GPU they need compute capability 8.0 or newer and triton 3.6 or
-    newer; on the CPU they run in Triton's interpreter, which these kernels
-    need from triton 3.7 on. Does not import triton when it is missing, and
-    never raises.
+    On a CUDA GPU they are compiled, and need compute capability 8.0 or newer
+    and triton 3.6 or newer; on the CPU they run in Triton's interpreter,
+    which these kernels need from triton 3.7 on, switched on by
+    ``TRITON_INTERPRET=1`` before their first call. The answer is
+    :func:`flashattn.triton.runtime.triton_support`'s, worded for a reader;
+    it does not import triton when triton is missing, and never raises.
     """
     device = torch.device(device)
-    found = f"torch {torch.__version__}"
-    if importlib.util.find_spec("triton") is None:
-        need = '"triton>=3.7"' if device.type == "cpu" else '"triton>=3.6"'
-        return KernelSupport(False, "", f"The kernels need triton, which is not installed here ({found}); "
-                             f"pip install {need} runs them{' in its interpreter' * (device.type == 'cpu')}.")
-    version = metadata.version("triton")
-    found = f"triton {version} with {found}"
-    have = tuple(int(part) for part in version.split(".")[:2])
-    if device.type == "cuda":
-        capability = torch.cuda.get_device_capability(device)
-        if capability < COMPILED_MIN_CAPABILITY:
-            return KernelSupport(False, "", f"The kernels need an NVIDIA GPU of compute capability 8.0 or newer; "
-                                 f"this {torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}. "
-                                 "An A100, L4, H100 or later runs them.")
-        if have < COMPILED_MIN_TRITON:
-            return KernelSupport(False, "", f"The compiled kernels need triton 3.6 or newer, and this machine has "
-                                 f"{found}; a torch that ships triton 3.6 or newer (torch 2.10 on) runs them.")
-        return KernelSupport(True, "compiled", "")
-    if device.type == "cpu":
-        if have < INTERPRETED_MIN_TRITON:
-            return KernelSupport(False, "", f"Triton's interpreter runs these kernels from triton 3.7 on, and this "
-                                 f'machine has {found}; pip install "triton>=3.7" (with a torch that allows it) '
-                                 "runs them on the CPU.")
-        return KernelSupport(True, "interpreted", "")
-    return KernelSupport(False, "", f"The kernels run on NVIDIA GPUs and on the CPU, not on {device.type}.")
+    ok, reason = triton_support(device)
+    if ok:
+        return KernelSupport(True, "compiled" if device.type == "cuda" else "interpreted", "")
+    return KernelSupport(False, "", reason[:1].upper() + reason[1:].rstrip(".") + ".")
 
 
 def max_error(got: Tensor, want: Tensor) -> float:

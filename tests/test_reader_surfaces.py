@@ -10,6 +10,7 @@ underscore name of flashattn, nothing fetched from the network).
 from __future__ import annotations
 
 import ast
+import importlib.metadata
 import json
 import re
 import subprocess
@@ -150,17 +151,20 @@ def test_a_missing_result_is_named_with_those_there():
 # -- whether the kernels run -----------------------------------------------------------------------
 
 
-def test_kernel_support_without_triton_says_what_to_install():
-    with mock.patch("importlib.util.find_spec", return_value=None):
+def test_kernel_support_without_triton_says_what_to_install(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    missing = importlib.metadata.PackageNotFoundError("triton")
+    with mock.patch("importlib.metadata.version", side_effect=missing):
         support = kernel_support("cpu")
     assert not support.runs and support.where == ""
-    assert "not installed" in support.reason and 'pip install "triton>=3.7"' in support.reason
+    assert "found no triton" in support.reason and 'pip install "triton>=3.7"' in support.reason
+    assert support.reason[0].isupper() and support.reason.endswith(".")  # a sentence of the skip line
 
 
 @pytest.mark.parametrize(("version", "runs"), [("3.5.1", False), ("3.6.0", False), ("3.7.0", True), ("3.9.0", True)])
-def test_kernel_support_on_the_cpu_follows_the_interpreter(version, runs):
-    with mock.patch("importlib.util.find_spec", return_value=object()), \
-            mock.patch("importlib.metadata.version", return_value=version):
+def test_kernel_support_on_the_cpu_follows_the_interpreter(version, runs, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with mock.patch("importlib.metadata.version", return_value=version):
         support = kernel_support("cpu")
     assert support.runs is runs
     assert support.where == ("interpreted" if runs else "")
@@ -170,14 +174,16 @@ def test_kernel_support_on_the_cpu_follows_the_interpreter(version, runs):
 @pytest.mark.parametrize(("capability", "version", "runs"), [
     ((7, 5), "3.6.0", False), ((8, 0), "3.5.0", False), ((8, 0), "3.6.0", True), ((9, 0), "3.9.0", True)])
 def test_kernel_support_on_a_gpu_follows_capability_and_triton(capability, version, runs):
-    with mock.patch("importlib.util.find_spec", return_value=object()), \
-            mock.patch("importlib.metadata.version", return_value=version), \
+    with mock.patch("importlib.metadata.version", return_value=version), \
             mock.patch.object(torch.cuda, "get_device_capability", return_value=capability), \
             mock.patch.object(torch.cuda, "get_device_name", return_value="Tesla T4"):
         support = kernel_support("cuda")
     assert support.runs is runs
+    assert support.where == ("compiled" if runs else "")
     if capability < (8, 0):
         assert "7.5" in support.reason and "Tesla T4" in support.reason
+    elif not runs:
+        assert f"triton {version}" in support.reason and "3.6" in support.reason
 
 
 def test_skip_prints_one_line_only_when_the_kernels_do_not_run(capsys):
