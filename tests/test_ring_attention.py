@@ -26,7 +26,6 @@ bfloat16, with the tiled code in float32.
 from __future__ import annotations
 
 import datetime
-import socket
 import time
 
 import pytest
@@ -36,6 +35,7 @@ import torch.multiprocessing as mp
 
 from flashattn import FlashAttention, ring_attention, shard_sequence, unshard_sequence
 from flashattn.ring import block_backward, block_forward, block_pieces, shard_chunks, shard_positions
+from reference import reference_attention
 
 # float64 against float64: both sides sum the same few dozen terms in a different order (the ring
 # merges partial softmaxes through exp(lse)): a few ulps of 1e-16; 1e-10 leaves room and still
@@ -47,6 +47,9 @@ CHUNK = 3  # rows per chunk: shards of 3 (contiguous) or 2 x 3 (zigzag) rows, so
 # backward kernels round P and dS to bf16 before their products: a few roundoffs, 2^-5 with margin
 BFLOAT16_REL = 2**-5
 on_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+# against the float64 reference, by the dtype of the inputs: float32 (unit roundoff 6e-8) sums of a few
+# dozen terms, 1e-5; bfloat16 results rounded to it (u = 2^-9), 2^-6 as for tiled_attention
+REL = {torch.float64: FLOAT64_REL, torch.float32: 1e-5, torch.bfloat16: 2**-6}
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -69,9 +72,9 @@ def shard_errors(full, rank, world, *, causal, layout, scale=None, group=None):
     """Ring attention on this rank's shards against FlashAttention on the full sequence: errors of o, dq, dk, dv."""
     q, k, v, do = full
     dim = 2 if k.dim() == 4 else 1  # the sequence dimension of 3-D k, v
-    qf, kf, vf = (t.clone().requires_grad_() for t in (q, k, v))
+    qf, kf, vf = (t.to(torch.float64, copy=True).requires_grad_() for t in (q, k, v))  # the whole sequence, float64
     o = FlashAttention(causal, scale=scale)(qf, kf, vf)
-    o.backward(do)
+    o.backward(do.double())
 
     def shard(t, dim=2):
         return shard_sequence(t, rank, world, layout=layout, dim=dim)
@@ -79,22 +82,23 @@ def shard_errors(full, rank, world, *, causal, layout, scale=None, group=None):
     qs, ks, vs = shard(q).requires_grad_(), shard(k, dim).requires_grad_(), shard(v, dim).requires_grad_()
     os_ = ring_attention(qs, ks, vs, causal=causal, scale=scale, group=group, layout=layout)
     os_.backward(shard(do))
+    assert os_.dtype == q.dtype and qs.grad.dtype == q.dtype
     return {
-        "o": rel_error(os_, shard(o)),
-        "dq": rel_error(qs.grad, shard(qf.grad)),
-        "dk": rel_error(ks.grad, shard(kf.grad, dim)),
-        "dv": rel_error(vs.grad, shard(vf.grad, dim)),
+        "o": rel_error(os_.double(), shard(o)),
+        "dq": rel_error(qs.grad.double(), shard(qf.grad)),
+        "dk": rel_error(ks.grad.double(), shard(kf.grad, dim)),
+        "dv": rel_error(vs.grad.double(), shard(vf.grad, dim)),
     }
 
 
-def _child(rank: int, world: int, port: int, queue, backend: str) -> None:
+def _child(rank: int, world: int, store_file: str, queue, backend: str) -> None:
     """One process of the ring: runs every case and puts ``(rank, {case: {tensor: error}})`` on ``queue``."""
     torch.set_num_threads(1)  # the processes share two cores
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
     dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        backend, init_method=f"file://{store_file}", rank=rank, world_size=world,
         timeout=datetime.timedelta(seconds=60), device_id=device if backend == "nccl" else None,
     )
     errors = {}
@@ -105,6 +109,10 @@ def _child(rank: int, world: int, port: int, queue, backend: str) -> None:
         for layout in ("contiguous", "zigzag"):
             for causal in (False, True):
                 errors[f"{layout} causal={causal}"] = shard_errors(gqa, rank, world, causal=causal, layout=layout)
+        for dtype in (torch.float32, torch.bfloat16):
+            errors[f"zigzag causal {dtype}"] = shard_errors(
+                [t.to(dtype) for t in gqa], rank, world, causal=True, layout="zigzag", scale=-0.4
+            )
         kv_3d = [t.to(device) for t in full_problem(b, h, h_kv, n, d, d_v, kv_3d=True, seed=1)]
         errors["zigzag causal 3-D k/v scale=0.3"] = shard_errors(
             kv_3d, rank, world, causal=True, layout="zigzag", scale=0.3
@@ -127,16 +135,15 @@ def _child(rank: int, world: int, port: int, queue, backend: str) -> None:
     queue.put((rank, errors))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def run_ring(world: int, store_dir, backend: str = "gloo") -> dict[int, dict]:
+    """Start ``world`` processes of ``_child``; a failure in one of them fails here with its traceback.
 
-
-def run_ring(world: int, backend: str = "gloo") -> dict[int, dict]:
-    """Start ``world`` processes of ``_child``; a failure in one of them fails here with its traceback."""
+    They meet through a file in ``store_dir`` (a new, empty file for each ring), not a TCP port that
+    another process could take between choosing it and binding it.
+    """
     queue = mp.get_context("spawn").SimpleQueue()
-    processes = mp.start_processes(_child, args=(world, _free_port(), queue, backend), nprocs=world, join=False)
+    store_file = str(store_dir / f"ring-{world}-{backend}")
+    processes = mp.start_processes(_child, args=(world, store_file, queue, backend), nprocs=world, join=False)
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not processes.join(timeout=max(deadline - time.monotonic(), 0.1)):  # raises if a child raised
         if time.monotonic() > deadline:
@@ -148,45 +155,52 @@ def run_ring(world: int, backend: str = "gloo") -> dict[int, dict]:
 
 def check_ring_results(results: dict[int, dict], world: int) -> None:
     assert sorted(results) == list(range(world))
+    def tolerance(case: str) -> float:
+        return REL[torch.bfloat16] if "bfloat16" in case else REL[torch.float32] if "float32" in case else FLOAT64_REL
+
     failures = [
         f"rank {rank}, {case}: {name} error {error:.1e}"
         for rank, cases in results.items()
         for case, errs in cases.items()
         for name, error in errs.items()
-        if not error < FLOAT64_REL  # NaN fails too
+        if not error < tolerance(case)  # NaN fails too
     ]
-    worst = max(e for cases in results.values() for errs in cases.values() for e in errs.values())
-    print(f"world {world}: {sum(len(c) for c in results.values())} cases, worst error {worst:.1e}")
+    worst = max(e for cases in results.values() for case, errs in cases.items() for e in errs.values()
+                if tolerance(case) == FLOAT64_REL)
+    print(f"world {world}: {sum(len(c) for c in results.values())} cases, worst float64 error {worst:.1e}")
     assert not failures, "\n".join(failures)
     if world == 4:
         assert all("sub-group [1, 3] zigzag causal" in results[r] for r in (1, 3))
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_equals_full_attention_values_and_gradients(world):
-    check_ring_results(run_ring(world), world)
+def test_ring_equals_full_attention_values_and_gradients(world, tmp_path):
+    check_ring_results(run_ring(world, tmp_path), world)
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_ring_over_nccl_equals_full_attention(world):
+def test_ring_over_nccl_equals_full_attention(world, tmp_path):
     if torch.cuda.device_count() < world:
         pytest.skip(f"needs {world} CUDA GPUs")
-    check_ring_results(run_ring(world, "nccl"), world)
+    check_ring_results(run_ring(world, tmp_path, "nccl"), world)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_without_a_process_group_it_is_flash_attention(layout, causal):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_without_a_process_group_it_is_attention(layout, causal, dtype):
+    """One process holds the whole sequence: values and gradients against the float64 reference, in each dtype."""
     assert not dist.is_initialized()
-    q, k, v, do = full_problem(2, 4, 2, 10, 8, 6)
+    q, k, v, do = (t.to(dtype) for t in full_problem(2, 4, 2, 10, 8, 6))
     ring = [t.clone().requires_grad_() for t in (q, k, v)]
-    full = [t.clone().requires_grad_() for t in (q, k, v)]
-    o_ring = ring_attention(*ring, causal=causal, layout=layout)
-    o_full = FlashAttention(causal)(*full)
-    o_ring.backward(do)
-    o_full.backward(do)
-    for got, want in zip([o_ring] + [t.grad for t in ring], [o_full] + [t.grad for t in full]):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    o = ring_attention(*ring, causal=causal, layout=layout, scale=-0.3)
+    o.backward(do)
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref = reference_attention(*ref, causal=causal, scale=-0.3)
+    o_ref.backward(do.double())
+    assert o.dtype == dtype and all(t.grad.dtype == dtype for t in ring)
+    for got, want in zip([o] + [t.grad for t in ring], [o_ref] + [t.grad for t in ref]):
+        assert rel_error(got.double(), want) < REL[dtype]
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
@@ -223,6 +237,8 @@ def test_lengths_and_layouts_that_do_not_fit_raise():
         shard_sequence(x, 2, 2)
     with pytest.raises(ValueError, match="one shape"):
         unshard_sequence([x, x[:, :, :4]])
+    with pytest.raises(ValueError, match="unshard_sequence needs at least one shard"):
+        unshard_sequence([])
     with pytest.raises(ValueError, match="'ring'"):
         unshard_sequence([x, x], layout="ring")
     with pytest.raises(ValueError, match=r"length 3 .* 'zigzag'"):
@@ -292,7 +308,7 @@ def test_fused_kernel_calls_on_meta_tensors(kernel, causal, i, j):
 
 @pytest.mark.parametrize("scale", [0.3, -0.3])
 @pytest.mark.parametrize("causal, i, j", [(True, 12, 12), (False, 6, 12)])
-def test_triton_block_kernel_equals_tiled(scale, causal, i, j):
+def test_triton_block_kernel_matches_float64(scale, causal, i, j):
     """The Triton path of the blocks (padded head dimensions, a negative scale, GQA), in the interpreter."""
     from flashattn.triton.attention import _kernels
     from flashattn.triton.runtime import is_interpreted
@@ -303,15 +319,22 @@ def test_triton_block_kernel_equals_tiled(scale, causal, i, j):
     q, k = torch.randn(1, 4, i, 8, generator=gen), torch.randn(1, 2, j, 8, generator=gen)
     v = torch.randn(1, 2, j, 6, generator=gen)
     do = torch.randn(1, 4, i, 6, generator=gen)
+    # the reference is float64 attention from its definition, not the tiled code
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    o_ref = reference_attention(q64, k64, v64, causal=causal, scale=scale)
+    grads_ref = torch.autograd.grad(o_ref, (q64, k64, v64), do.double())
+    s = (q64 @ k64.repeat_interleave(2, dim=1).transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(torch.ones(i, j, dtype=torch.bool).triu(1), float("-inf"))
+    lse_ref = torch.logsumexp(s, dim=-1)
+    # float32 kernels against float64: sums of at most 12 terms, a few roundoffs of 6e-8
     o, lse = block_forward(q, k, v, causal, scale, "triton")
-    o_ref, lse_ref = block_forward(q, k, v, causal, scale, "tiled")
-    torch.testing.assert_close(o, o_ref, atol=1e-5, rtol=0)
-    torch.testing.assert_close(lse, lse_ref, atol=1e-5, rtol=0)
-    grads = block_backward(do, q, k, v, o_ref, lse_ref, causal, scale, "triton")
-    grads_ref = block_backward(do, q, k, v, o_ref, lse_ref, causal, scale, "tiled")
+    torch.testing.assert_close(o.double(), o_ref.detach(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse.double(), lse_ref.detach(), atol=1e-5, rtol=0)
+    grads = block_backward(do, q, k, v, o, lse, causal, scale, "triton")
     for got, want in zip(grads, grads_ref):
-        assert got.shape == want.shape
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
 @on_cuda
