@@ -24,7 +24,7 @@ current block is attended and waited for after it, so that the two overlap.
 Each block runs on the fastest kernel the device has that returns the
 log-sum-exp (:func:`pick_block_kernel`, :func:`block_forward`,
 :func:`block_backward`). The backward pass rings the keys and values again,
-and with them the running sums of their gradients (:func:`_ring_backward`).
+and with them the running sums of their gradients (:func:`ring_backward`).
 
 :func:`shard_sequence` and :func:`unshard_sequence` go between a full tensor
 and its shards; :func:`shard_chunks` and :func:`shard_positions` say which
@@ -315,7 +315,7 @@ def block_backward(
 
 
 @dataclass(frozen=True)
-class _Ring:
+class Ring:
     """This process's place in the ring of ``group``: its rank there, the size, and its neighbours' global ranks."""
 
     group: dist.ProcessGroup
@@ -325,7 +325,7 @@ class _Ring:
     prev_peer: int
 
     @classmethod
-    def of(cls, group: dist.ProcessGroup, rank: int, world: int) -> _Ring:
+    def of(cls, group: dist.ProcessGroup, rank: int, world: int) -> Ring:
         # P2POp takes global ranks; within a sub-group they differ from the group's own
         return cls(group, rank, world, dist.get_global_rank(group, (rank + 1) % world),
                    dist.get_global_rank(group, (rank - 1) % world))
@@ -350,8 +350,8 @@ def _wait(works: list[dist.Work]) -> None:
         work.wait()
 
 
-def _ring_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, ring: _Ring, layout: str, kernel: str
+def ring_forward(
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, ring: Ring, layout: str, kernel: str
 ) -> tuple[Tensor, Tensor]:
     """The forward ring: returns ``o`` ``(b, h, n, d_v)`` in the dtype of ``q`` and ``lse`` ``(b, h, n)``.
 
@@ -387,9 +387,9 @@ def _ring_forward(
     return o.to(q.dtype), lse
 
 
-def _ring_backward(
+def ring_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
-    causal: bool, scale: float, ring: _Ring, layout: str, kernel: str,
+    causal: bool, scale: float, ring: Ring, layout: str, kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The backward ring: ``(dq, dk, dv)`` of this rank's shards, typed like ``q``, ``k``, ``v``.
 
@@ -444,16 +444,16 @@ def _ring_backward(
     return dq.to(q.dtype), dkv_received[0].to(k.dtype), dkv_received[1].to(v.dtype)
 
 
-class _RingAttention(torch.autograd.Function):
+class RingAttention(torch.autograd.Function):
     """The forward and backward rings; saves this rank's ``q``, ``k``, ``v``, ``o`` and ``lse``."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor,
-        causal: bool, scale: float, ring: _Ring, layout: str, kernel: str,
+        causal: bool, scale: float, ring: Ring, layout: str, kernel: str,
     ) -> Tensor:
         k, v = k.contiguous(), v.contiguous()  # they are sent as they are: the backends send packed tensors
-        o, lse = _ring_forward(q, k, v, causal, scale, ring, layout, kernel)
+        o, lse = ring_forward(q, k, v, causal, scale, ring, layout, kernel)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.options = (causal, scale, ring, layout, kernel)
         return o
@@ -462,7 +462,7 @@ class _RingAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, do: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(do.contiguous(), q, k, v, o, lse, *ctx.options)
+        dq, dk, dv = ring_backward(do.contiguous(), q, k, v, o, lse, *ctx.options)
         return dq, dk, dv, None, None, None, None, None
 
 
@@ -519,4 +519,4 @@ def ring_attention(
     if world == 1 or x.is_empty:
         return FlashAttention(causal, scale=scale)(q, k, v)
     kernel = pick_block_kernel(q, x.k, x.v, causal, x.scale)
-    return _RingAttention.apply(q, x.k, x.v, causal, x.scale, _Ring.of(group, rank, world), layout, kernel)
+    return RingAttention.apply(q, x.k, x.v, causal, x.scale, Ring.of(group, rank, world), layout, kernel)

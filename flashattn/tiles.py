@@ -10,7 +10,7 @@ Under a mask each tile is one of three kinds, and the kind decides its cost:
 
 ``tiled.py`` and ``io_model.py`` classify the causal tiles with
 :func:`causal_tile_kind`; the Triton kernels compute the same split inside
-each program (their ``_key_range``), and the tests tie the two together.
+each program (their ``key_range``), and the tests tie the two together.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The algorithm, the grids, the layouts and the causal rule are those of
 :mod:`flashattn.triton.kernels`, and so are the key ranges and the two
-stages of each loop (``_key_range``, ``_load_lse2``). Two things differ.
+stages of each loop (``key_range``, ``load_lse2``). Two things differ.
 
 - **Loads and stores by TMA.** Each program describes the matrices of its
   (batch, head) once, with ``tl.make_tensor_descriptor``: base address,
@@ -29,24 +29,24 @@ and of a result that may differ in the last bits from one run to the next.
 import triton
 import triton.language as tl
 
-from .kernels import LN2, _key_range, _load_lse2
+from .kernels import LN2, key_range, load_lse2
 
 
 @triton.jit
-def _rows(base, n, stride, BLOCK: tl.constexpr, COLS: tl.constexpr):
+def tma_descriptor(base, n, stride, BLOCK: tl.constexpr, COLS: tl.constexpr):
     """A TMA descriptor of the ``(n, COLS)`` matrix at ``base`` with row ``stride``, fetched in tiles of ``BLOCK`` rows."""
     return tl.make_tensor_descriptor(base, shape=[n, COLS], strides=[stride, 1], block_shape=[BLOCK, COLS])
 
 
 @triton.jit
-def _fwd_stage_tma(
+def fwd_stage_tma(
     acc, m, l, q,
     k_desc, v_desc,
     offs_q,
     lo, hi, j, diag_offset, qk_scale,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels._fwd_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` into one query tile."""
+    """``kernels.fwd_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` into one query tile."""
     for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         k = k_desc.load([start_k, 0])  # rows past j arrive as zeros, and are masked below
@@ -72,8 +72,8 @@ def _fwd_stage_tma(
 
 
 @triton.jit
-def _softmax_step(acc, m, l, qk, v, qk_scale):
-    """One unmasked key tile into the online softmax: the body of ``_fwd_stage_tma`` with ``MASKED=False``."""
+def softmax_step(acc, m, l, qk, v, qk_scale):
+    """One unmasked key tile into the online softmax: the body of ``fwd_stage_tma`` with ``MASKED=False``."""
     m_new = tl.maximum(m, tl.max(qk, 1) * qk_scale)
     p = tl.math.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m - m_new)
@@ -83,7 +83,7 @@ def _softmax_step(acc, m, l, qk, v, qk_scale):
 
 
 @triton.jit
-def _fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, lo, hi, qk_scale, BLOCK_K: tl.constexpr):
+def fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, lo, hi, qk_scale, BLOCK_K: tl.constexpr):
     """The unmasked key tiles ``lo`` to ``hi``, with the scores of each tile computed one step early.
 
     The product ``S = Q K^T`` of the next tile is issued before the
@@ -95,9 +95,9 @@ def _fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, lo, hi, qk_scale, BLOCK_
         qk = tl.dot(q, tl.trans(k_desc.load([lo, 0])))
         for start_k in tl.range(lo + BLOCK_K, hi, BLOCK_K):
             qk_next = tl.dot(q, tl.trans(k_desc.load([start_k, 0])))
-            acc, m, l = _softmax_step(acc, m, l, qk, v_desc.load([start_k - BLOCK_K, 0]), qk_scale)
+            acc, m, l = softmax_step(acc, m, l, qk, v_desc.load([start_k - BLOCK_K, 0]), qk_scale)
             qk = qk_next
-        acc, m, l = _softmax_step(acc, m, l, qk, v_desc.load([hi - BLOCK_K, 0]), qk_scale)
+        acc, m, l = softmax_step(acc, m, l, qk, v_desc.load([hi - BLOCK_K, 0]), qk_scale)
     return acc, m, l
 
 
@@ -124,23 +124,23 @@ def attn_fwd_tma_kernel(
     diag_offset = j - i
 
     # -- one descriptor per matrix of this (batch, head): rows past its end read as zero, and are not written
-    q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
-    k_desc = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
-    v_desc = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
-    o_desc = _rows(o_ptr + batch * stride_ob + head * stride_oh, i, stride_oi, BLOCK_Q, DV)
+    q_desc = tma_descriptor(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+    k_desc = tma_descriptor(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
+    v_desc = tma_descriptor(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
+    o_desc = tma_descriptor(o_ptr + batch * stride_ob + head * stride_oh, i, stride_oi, BLOCK_Q, DV)
 
     q = q_desc.load([start_q, 0])
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)
     l = tl.zeros([BLOCK_Q], dtype=tl.float32)
     acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)
 
-    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
     if OVERLAP:
-        acc, m, l = _fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, 0, mid, qk_scale, BLOCK_K)
+        acc, m, l = fwd_stage_overlapped(acc, m, l, q, k_desc, v_desc, 0, mid, qk_scale, BLOCK_K)
     else:
-        acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
+        acc, m, l = fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
                                    0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
-    acc, m, l = _fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
+    acc, m, l = fwd_stage_tma(acc, m, l, q, k_desc, v_desc, offs_q,
                                mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, WARP_SPECIALIZE)
 
     l = tl.where(l == 0.0, 1.0, l)
@@ -151,19 +151,19 @@ def attn_fwd_tma_kernel(
 
 
 @triton.jit
-def _dkdv_stage_tma(
+def dkdv_stage_tma(
     dk, dv, k, v,
     q_desc, do_desc, lse_base, delta_base,
     offs_k,
     lo, hi, i, diag_offset, qk_scale,
     BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels._dkdv_stage`` with its tiles fetched by TMA: query tiles ``lo`` to ``hi`` against one key tile."""
+    """``kernels.dkdv_stage`` with its tiles fetched by TMA: query tiles ``lo`` to ``hi`` against one key tile."""
     for start_q in tl.range(lo, hi, BLOCK_Q, warp_specialize=WARP_SPECIALIZE):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
         q = q_desc.load([start_q, 0])
-        lse2 = _load_lse2(lse_base, offs_q, rows)
+        lse2 = load_lse2(lse_base, offs_q, rows)
         qk_t = tl.dot(k, tl.trans(q))
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
@@ -178,7 +178,7 @@ def _dkdv_stage_tma(
 
 
 @triton.jit
-def _dkdv_range(start_k, i, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
+def dkdv_range(start_k, i, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
     """The query tiles of one key tile, as in ``kernels.attn_bwd_dkdv_kernel``: none before lo, masked to mid, full after."""
     if CAUSAL:
         lo = tl.maximum(start_k - diag_offset, 0) // BLOCK_Q * BLOCK_Q
@@ -209,38 +209,38 @@ def attn_bwd_dkdv_tma_kernel(
     offs_k = start_k + tl.arange(0, BLOCK_K)
     diag_offset = j - i
 
-    k = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
-    v = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
+    k = tma_descriptor(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
+    v = tma_descriptor(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
-    lo, mid = _dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    lo, mid = dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
 
     for head in range(kv_head * g, kv_head * g + g):
-        q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
-        do_desc = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
+        q_desc = tma_descriptor(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+        do_desc = tma_descriptor(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
         lse_base = lse_ptr + (batch * h + head) * i
         delta_base = delta_ptr + (batch * h + head) * i
-        dk, dv = _dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
+        dk, dv = dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
                                  lo, mid, i, diag_offset, qk_scale, BLOCK_Q, True, WARP_SPECIALIZE)
-        dk, dv = _dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
+        dk, dv = dkdv_stage_tma(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, offs_k,
                                  mid, i, i, diag_offset, qk_scale, BLOCK_Q, False, WARP_SPECIALIZE)
 
     dk = dk * scale
-    _rows(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
+    tma_descriptor(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
         [start_k, 0], dk.to(dk_ptr.dtype.element_ty))
-    _rows(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
+    tma_descriptor(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
         [start_k, 0], dv.to(dv_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _dq_stage_tma(
+def dq_stage_tma(
     dq, q, do, lse2, delta,
     k_desc, v_desc,
     offs_q,
     lo, hi, j, diag_offset, qk_scale,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels._dq_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` against one query tile."""
+    """``kernels.dq_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` against one query tile."""
     for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         k = k_desc.load([start_k, 0])
@@ -282,40 +282,40 @@ def attn_bwd_dq_tma_kernel(
     diag_offset = j - i
 
     rows = offs_q < i
-    q = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D).load([start_q, 0])
-    do = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV).load([start_q, 0])
+    q = tma_descriptor(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D).load([start_q, 0])
+    do = tma_descriptor(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV).load([start_q, 0])
     head_rows = (batch * tl.num_programs(1) + head) * i
-    lse2 = _load_lse2(lse_ptr + head_rows, offs_q, rows)
+    lse2 = load_lse2(lse_ptr + head_rows, offs_q, rows)
     delta = tl.load(delta_ptr + head_rows + offs_q, mask=rows, other=0.0)
-    k_desc = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
-    v_desc = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
+    k_desc = tma_descriptor(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D)
+    v_desc = tma_descriptor(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV)
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
 
-    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    dq = _dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
+    mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    dq = dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
                        0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, WARP_SPECIALIZE)
-    dq = _dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
+    dq = dq_stage_tma(dq, q, do, lse2, delta, k_desc, v_desc, offs_q,
                        mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, WARP_SPECIALIZE)
 
     dq = dq * scale
-    _rows(dq_ptr + batch * stride_dqb + head * stride_dqh, i, stride_dqi, BLOCK_Q, D).store(
+    tma_descriptor(dq_ptr + batch * stride_dqb + head * stride_dqh, i, stride_dqi, BLOCK_Q, D).store(
         [start_q, 0], dq.to(dq_ptr.dtype.element_ty))
 
 
 @triton.jit
-def _fused_bwd_stage(
+def fused_bwd_stage(
     dk, dv, k, v,
     q_desc, do_desc, lse_base, delta_base, dq_base,
     offs_k, offs_d,
     lo, hi, i, diag_offset, qk_scale,
     D: tl.constexpr, BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``_dkdv_stage_tma`` plus dQ: each query tile's share ``dS K`` is added to the float32 ``dq`` at ``dq_base``."""
+    """``dkdv_stage_tma`` plus dQ: each query tile's share ``dS K`` is added to the float32 ``dq`` at ``dq_base``."""
     for start_q in tl.range(lo, hi, BLOCK_Q, warp_specialize=WARP_SPECIALIZE):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
         q = q_desc.load([start_q, 0])
-        lse2 = _load_lse2(lse_base, offs_q, rows)
+        lse2 = load_lse2(lse_base, offs_q, rows)
         qk_t = tl.dot(k, tl.trans(q))
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
@@ -358,25 +358,25 @@ def attn_bwd_fused_kernel(
     offs_d = tl.arange(0, D)
     diag_offset = j - i
 
-    k = _rows(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
-    v = _rows(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
+    k = tma_descriptor(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D).load([start_k, 0])
+    v = tma_descriptor(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV).load([start_k, 0])
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
-    lo, mid = _dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    lo, mid = dkdv_range(start_k, i, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
 
     for head in range(kv_head * g, kv_head * g + g):
-        q_desc = _rows(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
-        do_desc = _rows(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
+        q_desc = tma_descriptor(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D)
+        do_desc = tma_descriptor(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV)
         lse_base = lse_ptr + (batch * h + head) * i
         delta_base = delta_ptr + (batch * h + head) * i
         dq_base = dq_ptr + (batch * h + head) * i * D
-        dk, dv = _fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
+        dk, dv = fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
                                   lo, mid, i, diag_offset, qk_scale, D, BLOCK_Q, True, WARP_SPECIALIZE)
-        dk, dv = _fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
+        dk, dv = fused_bwd_stage(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, dq_base, offs_k, offs_d,
                                   mid, i, i, diag_offset, qk_scale, D, BLOCK_Q, False, WARP_SPECIALIZE)
 
     dk = dk * scale
-    _rows(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
+    tma_descriptor(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D).store(
         [start_k, 0], dk.to(dk_ptr.dtype.element_ty))
-    _rows(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
+    tma_descriptor(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
         [start_k, 0], dv.to(dv_ptr.dtype.element_ty))

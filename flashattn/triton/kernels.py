@@ -36,7 +36,7 @@ DOT_PRECISION = tl.constexpr("tf32x3")
 
 
 @triton.jit
-def _tile_ptrs(base, start, stride, BLOCK: tl.constexpr, cols):
+def tile_ptrs(base, start, stride, BLOCK: tl.constexpr, cols):
     """Pointers to rows ``start .. start + BLOCK`` and columns ``cols`` of a matrix at ``base`` with row ``stride``.
 
     The row offset ``start * stride`` is taken in 64 bits: for a long
@@ -47,7 +47,7 @@ def _tile_ptrs(base, start, stride, BLOCK: tl.constexpr, cols):
 
 
 @triton.jit
-def _fwd_stage(
+def fwd_stage(
     acc, m, l, q,
     k_base, v_base, stride_kj, stride_vj,
     offs_q, offs_d, offs_dv,
@@ -58,7 +58,7 @@ def _fwd_stage(
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         # load K_c; rows past j read as zero and are masked below
-        k = tl.load(_tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
+        k = tl.load(tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K), unscaled
         if MASKED:
             keep = (offs_k < j)[None, :]
@@ -78,14 +78,14 @@ def _fwd_stage(
         # rescale what was summed under the old maximum: exp2(m - m_new) <= 1
         alpha = tl.math.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(_tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
+        v = tl.load(tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
     return acc, m, l
 
 
 @triton.jit
-def _key_range(start_q, j, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
+def key_range(start_q, j, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
     """Split the keys of one query tile: ``[0, mid)`` need no mask, ``[mid, hi)`` do, the rest are skipped."""
     if CAUSAL:
         # the first row of the tile sees keys up to start_q + diag_offset, its last row up to
@@ -127,16 +127,16 @@ def attn_fwd_kernel(
     diag_offset = j - i
 
     # -- load Q_r once; it stays on chip while every key tile streams past
-    q = tl.load(_tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d), mask=(offs_q < i)[:, None], other=0.0)
+    q = tl.load(tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d), mask=(offs_q < i)[:, None], other=0.0)
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row maximum (base 2)
     l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)  # running, unnormalised P V
 
     # -- stage 1: key tiles every row sees in full; stage 2: across the diagonal or past j
-    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    acc, m, l = _fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+    mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    acc, m, l = fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
                            0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
-    acc, m, l = _fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+    acc, m, l = fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
                            mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
 
     # -- epilogue: normalise, and keep lse for the backward; a row with no key has acc = 0 and
@@ -144,7 +144,7 @@ def attn_fwd_kernel(
     l = tl.where(l == 0.0, 1.0, l)
     o = acc / l[:, None]
     lse = (m + tl.math.log2(l)) * LN2
-    tl.store(_tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv), o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
+    tl.store(tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv), o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
     lse_rows = lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q
     tl.store(lse_rows, lse, mask=offs_q < i)
 
@@ -164,16 +164,16 @@ def attn_bwd_preprocess_kernel(
     offs_q = start_q + tl.arange(0, BLOCK_Q)
     offs_dv = tl.arange(0, DV)
     rows = (offs_q < i)[:, None]
-    o = tl.load(_tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv),
+    o = tl.load(tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv),
                 mask=rows, other=0.0)
-    do = tl.load(_tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
+    do = tl.load(tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
                  mask=rows, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(delta_ptr + (batch * tl.num_programs(1) + head) * i + offs_q, delta, mask=offs_q < i)
 
 
 @triton.jit
-def _load_lse2(lse_base, offs_q, rows):
+def load_lse2(lse_base, offs_q, rows):
     """The lse of rows ``offs_q`` in base 2, as the backward uses it to recompute ``p = exp2(s - lse2)``.
 
     A row with no key has lse = -inf, and so do the rows past i; both become
@@ -184,7 +184,7 @@ def _load_lse2(lse_base, offs_q, rows):
 
 
 @triton.jit
-def _dkdv_stage(
+def dkdv_stage(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
     offs_k, offs_d, offs_dv,
@@ -199,14 +199,14 @@ def _dkdv_stage(
     for start_q in range(lo, hi, BLOCK_Q):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
-        q = tl.load(_tile_ptrs(q_base, start_q, stride_qi, BLOCK_Q, offs_d), mask=rows[:, None], other=0.0)
-        lse2 = _load_lse2(lse_base, offs_q, rows)
+        q = tl.load(tile_ptrs(q_base, start_q, stride_qi, BLOCK_Q, offs_d), mask=rows[:, None], other=0.0)
+        lse2 = load_lse2(lse_base, offs_q, rows)
         # recompute P^T from the scores and the saved lse: no running max needed
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_Q)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
-        do = tl.load(_tile_ptrs(do_base, start_q, stride_doi, BLOCK_Q, offs_dv), mask=rows[:, None], other=0.0)
+        do = tl.load(tile_ptrs(do_base, start_q, stride_doi, BLOCK_Q, offs_dv), mask=rows[:, None], other=0.0)
         # dV += P^T dO
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         # dP^T = V dO^T, then dS^T = P^T * (dP^T - D): the softmax's backward, row by row
@@ -243,9 +243,9 @@ def attn_bwd_dkdv_kernel(
 
     # -- load K_c and V_c once; dK_c and dV_c accumulate on chip
     cols = (offs_k < j)[:, None]
-    k = tl.load(_tile_ptrs(k_ptr + batch * stride_kb + kv_head * stride_kh, start_k, stride_kj, BLOCK_K, offs_d),
+    k = tl.load(tile_ptrs(k_ptr + batch * stride_kb + kv_head * stride_kh, start_k, stride_kj, BLOCK_K, offs_d),
                 mask=cols, other=0.0)
-    v = tl.load(_tile_ptrs(v_ptr + batch * stride_vb + kv_head * stride_vh, start_k, stride_vj, BLOCK_K, offs_dv),
+    v = tl.load(tile_ptrs(v_ptr + batch * stride_vb + kv_head * stride_vh, start_k, stride_vj, BLOCK_K, offs_dv),
                 mask=cols, other=0.0)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
@@ -265,23 +265,23 @@ def attn_bwd_dkdv_kernel(
         delta_base = delta_ptr + (batch * h + head) * i
         # stage 1: across the diagonal, masked (empty without the causal rule);
         # stage 2: below it, every query sees every key
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+        dk, dv = dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
                              offs_k, offs_d, offs_dv, lo, mid, i, diag_offset, qk_scale,
                              BLOCK_Q, True)
-        dk, dv = _dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+        dk, dv = dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
                              offs_k, offs_d, offs_dv, mid, i, i, diag_offset, qk_scale,
                              BLOCK_Q, False)
 
     # -- epilogue: dS was taken with respect to the scaled scores, so dK carries the scale once
     dk = dk * scale
-    tl.store(_tile_ptrs(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, start_k, stride_dkj, BLOCK_K, offs_d),
+    tl.store(tile_ptrs(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, start_k, stride_dkj, BLOCK_K, offs_d),
              dk.to(dk_ptr.dtype.element_ty), mask=cols)
-    tl.store(_tile_ptrs(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, start_k, stride_dvj, BLOCK_K, offs_dv),
+    tl.store(tile_ptrs(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, start_k, stride_dvj, BLOCK_K, offs_dv),
              dv.to(dv_ptr.dtype.element_ty), mask=cols)
 
 
 @triton.jit
-def _dq_stage(
+def dq_stage(
     dq, q, do, lse2, delta,
     k_base, v_base, stride_kj, stride_vj,
     offs_q, offs_d, offs_dv,
@@ -291,8 +291,8 @@ def _dq_stage(
     """The inner loop of dQ: key tiles ``lo`` to ``hi`` against one query tile."""
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
-        k = tl.load(_tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
-        v = tl.load(_tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
+        k = tl.load(tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
+        v = tl.load(tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
         # recompute P from the scores and the saved lse
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -339,23 +339,23 @@ def attn_bwd_dq_kernel(
 
     # -- load Q_r, dO_r, lse_r and D_r once
     rows = offs_q < i
-    q = tl.load(_tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d),
+    q = tl.load(tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d),
                 mask=rows[:, None], other=0.0)
-    do = tl.load(_tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
+    do = tl.load(tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
                  mask=rows[:, None], other=0.0)
     head_rows = (batch * tl.num_programs(1) + head) * i  # where this head's lse and delta start
-    lse2 = _load_lse2(lse_ptr + head_rows, offs_q, rows)
+    lse2 = load_lse2(lse_ptr + head_rows, offs_q, rows)
     delta = tl.load(delta_ptr + head_rows + offs_q, mask=rows, other=0.0)
     dq = tl.zeros([BLOCK_Q, D], dtype=tl.float32)
 
     # -- the same two stages as the forward
-    mid, hi = _key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+    mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
+    dq = dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
                    0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
-    dq = _dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+    dq = dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
                    mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
 
     # -- epilogue
     dq = dq * scale
-    tl.store(_tile_ptrs(dq_ptr + batch * stride_dqb + head * stride_dqh, start_q, stride_dqi, BLOCK_Q, offs_d),
+    tl.store(tile_ptrs(dq_ptr + batch * stride_dqb + head * stride_dqh, start_q, stride_dqi, BLOCK_Q, offs_d),
              dq.to(dq_ptr.dtype.element_ty), mask=rows[:, None])
