@@ -168,9 +168,10 @@ def check(claim: str, got: Tensor, want: Tensor, atol: float) -> None:
     of a cell prints only its line (use :func:`max_error` for the number).
     """
     err = max_error(got, want)
-    print(f"{claim}: max |error| = {err:.1e} (tolerance {atol:.0e})")
+    # :g prints the tolerance as written in the call (0.25, 0.03125, 1e-05), never rounded
+    print(f"{claim}: max |error| = {err:.1e} (tolerance {atol:g})")
     if not err <= atol:  # a NaN error fails too
-        raise AssertionError(f"{claim}: max |error| = {err:.3e} exceeds the tolerance {atol:.0e}")
+        raise AssertionError(f"{claim}: max |error| = {err:.3e} exceeds the tolerance {atol:g}")
 
 
 def committed_result(name: str) -> dict:
