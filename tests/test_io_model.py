@@ -142,7 +142,9 @@ class MainMemoryTraffic(TorchDispatchMode):
     """Elements that a tiled forward moves in and out of the tensors it holds "in main memory".
 
     Main memory is ``q``, ``k``, ``v`` and every tensor of a full row length
-    that the forward allocates (``o``, ``l``, ``m``). Reading a tile is slicing
+    that the forward allocates (``o``, ``l``, ``m``, ``lse``); the tiles of a
+    forward must be shorter than the sequence, or they would count as main
+    memory too. Reading a tile is slicing
     along the length; writing one is slicing, then ``copy_`` into the slice.
     So reads = slices - copies, writes = copies + the allocations themselves.
     Counts are split by rank: 4-D tensors are ``Q, K, V, O``, 3-D the row statistics.
@@ -162,9 +164,10 @@ class MainMemoryTraffic(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if name in ("new_zeros", "new_full") and out.dim() in (3, 4) and out.shape[2] == self.length:
+        if name in ("new_zeros", "new_full", "new_empty") and out.dim() in (3, 4) and out.shape[2] == self.length:
             self.storages.add(out.untyped_storage().data_ptr())
-            self.allocated[out.dim()] += out.numel()
+            if name != "new_empty":  # an empty tensor is set aside, not written
+                self.allocated[out.dim()] += out.numel()
         elif name == "slice" and self._in_memory(args[0]) and args[1] == 2:
             self.sliced[out.dim()] += out.numel()
         elif name == "copy_" and self._in_memory(args[0]):
@@ -190,3 +193,23 @@ def test_fa1_counts_what_the_forward_moves(i, j, block_q, block_k, causal):
                                elem_bytes=e, stat_bytes=s)
     assert (read, written) == (want.read, want.written)
     assert traffic.allocated[3] == 2 * i  # l and m: two statistics per row
+
+
+@pytest.mark.parametrize("i, j, block_q, block_k", [(37, 53, 8, 16), (53, 37, 16, 8), (32, 32, 8, 8)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fa2_counts_what_the_forward_moves(i, j, block_q, block_k, causal):
+    """``flash_attention2_io`` counts the elements and the one row statistic (lse) that ``tiled_forward_fa2`` moves."""
+    d, d_v = 6, 5
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 1, i, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, 1, j, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, 1, j, d_v, generator=gen, dtype=torch.float64)
+    with MainMemoryTraffic((q, k, v), i) as traffic:
+        tiled_forward_fa2(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+    e, s = 3, 5  # distinct byte sizes, so that elements and statistics cannot stand in for each other
+    read = e * (traffic.sliced[4] - traffic.copied[4]) + s * (traffic.sliced[3] - traffic.copied[3])
+    written = e * (traffic.copied[4] + traffic.allocated[4]) + s * (traffic.copied[3] + traffic.allocated[3])
+    want = flash_attention2_io(i, j, d, d_v=d_v, block_q=block_q, block_k=block_k, causal=causal,
+                               elem_bytes=e, stat_bytes=s)
+    assert (read, written) == (want.read, want.written)
+    assert traffic.copied[3] == i  # lse: one statistic per row, written once
