@@ -37,7 +37,8 @@ def on_gpu(monkeypatch):
 @pytest.mark.parametrize("version, cpu_ok, gpu_ok", [
     (None, False, False),
     ("3.2.0", False, False),
-    ("3.5.1", False, False),
+    ("3.3.1", False, False),
+    ("3.4.0", False, True),
     ("3.6.0", False, True),
     ("3.7.1", True, True),
     ("3.9.0", True, True),
@@ -54,7 +55,7 @@ def test_support_follows_the_version(monkeypatch, on_gpu, version, cpu_ok, gpu_o
             assert support.reason == ""
         else:
             found = "no triton" if version is None else f"triton {version}"
-            need = "3.7" if device == "cpu" else "3.6"
+            need = "3.7" if device == "cpu" else "3.4"
             assert f"found {found} with torch {torch.__version__}" in support.reason
             assert f'pip install "triton>={need}"' in support.reason
             assert "\n" not in support.reason
@@ -88,7 +89,7 @@ def test_too_old_triton_is_named_in_one_line_at_first_use(monkeypatch):
     message = str(error.value)
     assert "\n" not in message and error.value.__cause__ is None
     assert f"found triton 3.2.0 with torch {torch.__version__}" in message
-    assert "decode_attention needs triton 3.6 or newer on a GPU, 3.7 or newer in Triton's interpreter" in message
+    assert "decode_attention needs triton 3.4 or newer on a GPU, 3.7 or newer in Triton's interpreter" in message
 
 
 def test_old_interpreter_is_named_in_one_line(monkeypatch):
@@ -121,7 +122,7 @@ def test_without_triton_nothing_imports_it_and_nothing_raises_from_inside_it():
     cpu, cuda, error = out.stdout.splitlines()
     assert cpu.startswith("TritonSupport(ok=False, reason=") and "found no triton with torch" in cpu
     assert "found no triton with torch" in cuda or "compute capability" in cuda
-    assert error.startswith("ImportError: triton_attention needs triton (triton 3.6 or newer on a GPU")
+    assert error.startswith("ImportError: triton_attention needs triton (triton 3.4 or newer on a GPU")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from typing import NamedTuple
 
 import torch
 
-# the oldest triton whose compiler builds every kernel for sm80 and sm90 (scripts/check_tritons.py,
-# benchmarks/results/compile-tritons.json)
-COMPILED_MIN_TRITON = (3, 6)
+# the oldest triton whose compiler builds every kernel for sm80 and sm90, the TMA kernels included
+# (tl.make_tensor_descriptor came in 3.4); the pointer kernels compile from 3.2 on
+# (scripts/check_tritons.py, benchmarks/results/compile-tritons.json)
+COMPILED_MIN_TRITON = (3, 4)
 INTERPRETER_MIN_TRITON = (3, 7)  # earlier interpreters fail on range(lo, hi, BLOCK) with lo > 0
 MIN_CAPABILITY = (8, 0)  # as flashattn.triton.launch: no launch was compiled for older GPUs
 
@@ -76,7 +77,7 @@ def triton_support(device: torch.device | str | None = None) -> TritonSupport:
 
     ``device`` defaults to CUDA when it is present, else the CPU. On a CUDA
     GPU the kernels are compiled: compute capability 8.0 or newer and
-    triton 3.6 or newer. On the CPU they run in Triton's interpreter:
+    triton 3.4 or newer. On the CPU they run in Triton's interpreter:
     triton 3.7 or newer and ``TRITON_INTERPRET=1`` set before their first
     call. Returns ``(ok, reason)``, ``reason`` empty when ``ok``. Does not
     import triton when it is missing, and never raises.
