@@ -93,6 +93,7 @@ def main() -> int:
     parser.add_argument("--report", help="write a JSON record of the run here")
     args = parser.parse_args()
     chapters, failed = [], []
+    info = environment() if args.report else {}
     for path in args.notebooks:
         record = {"notebook": Path(path).name}
         try:
@@ -109,10 +110,10 @@ def main() -> int:
         for line in record["skipped"]:
             print(f"  {line}")
         chapters.append(record)
-    if args.report:
-        report = {**environment(), "chapters": chapters,
-                  "summary": f"{len(chapters) - len(failed)} passed, {len(failed)} failed"}
-        Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
+        if args.report:  # after every chapter, so that a run cut short still leaves its record
+            report = {**info, "chapters": chapters,
+                      "summary": f"{len(chapters) - len(failed)} passed, {len(failed)} failed"}
+            Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     print(f"notebooks: {len(chapters) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0
 
