@@ -36,7 +36,9 @@ def _load_script():
 
 
 check_tritons = _load_script()
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+# ptxas differs from one triton to the next, and so do the spills: KNOWN_SPILLS was measured with 3.9
+SPILLS_MEASURED_WITH = (3, 9)
 
 LAUNCHES = (
     check_tritons.table_launches("sm80")
@@ -115,6 +117,8 @@ def test_fits_shared_memory(compiled, launch):
 
 @pytest.mark.parametrize("launch", _cases(KNOWN_SPILLS))
 def test_spills_no_register(compiled, launch):
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < SPILLS_MEASURED_WITH:
+        pytest.skip(f"the known spills were measured with triton {SPILLS_MEASURED_WITH}, this is {triton.__version__}")
     result = compiled[launch]
     assert result["compiled"], result["error"]
     if result["stack"] is None:
