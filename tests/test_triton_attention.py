@@ -20,12 +20,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashattn import FlashAttention, tiled_attention, triton_attention
+from flashattn import FlashAttention, decode_attention, tiled_attention, triton_attention
 from flashattn.tiled import tiled_forward_fa2
 import flashattn.triton.runtime as runtime_module
 from flashattn.triton.attention import _kernels, _TritonAttention, triton_forward
 from flashattn.triton.runtime import is_interpreted
-from flashattn.triton.launch import _FLOAT32, _TABLE, KernelConfigs, TileConfig, pick_configs, table_key
+from flashattn.triton.launch import (
+    _FLOAT32, _TABLE, KernelConfigs, TileConfig, float32_table, forced_configs, launch_table, pick_configs, table_key,
+)
 from reference import reference_attention, reference_keep
 
 INTERPRETED = is_interpreted(_kernels().attn_fwd_kernel)
@@ -220,6 +222,70 @@ def test_every_diagonal_offset(tiles):
         q, k, v, do = make_inputs(1, 1, 1, 40, j, 16, 16, torch.float32, seed=j)
         errs = errors(lambda q, k, v: _TritonAttention.apply(q, k, v, True, 0.25, configs), q, k, v, do, True)
         assert max(errs.values()) < TOLERANCE[torch.float32], (j, errs)
+
+
+def table_tilings() -> list[KernelConfigs]:
+    """Each distinct set of tiles in the launch tables (16-bit and float32), once."""
+    seen = {}
+    for configs in list(launch_table().values()) + list(float32_table().values()):
+        seen.setdefault(tuple((c.block_q, c.block_k) for c in (configs.fwd, configs.dkdv, configs.dq)), configs)
+    return list(seen.values())
+
+
+@on_cpu
+@pytest.mark.parametrize("configs", table_tilings(), ids=lambda c: f"{c.fwd.block_q}x{c.fwd.block_k}-{c.dkdv.block_q}x{c.dkdv.block_k}-{c.dq.block_q}x{c.dq.block_k}")
+def test_the_tables_launches_in_the_interpreter(configs, monkeypatch):
+    """The tiles a GPU is launched with, run in the interpreter (which otherwise takes its own): ragged lengths, i < j.
+
+    ``forced_configs`` puts them in place of the interpreter's; the launches seen
+    by ``_run`` show that they were the ones used.
+    """
+    import flashattn.triton.attention as attention_module
+
+    launched = []
+    run = attention_module._run
+
+    def spy(name, grid, *args, **kwargs):
+        if "BLOCK_K" in kwargs:
+            launched.append((name, kwargs["BLOCK_Q"], kwargs["BLOCK_K"]))
+        run(name, grid, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "_run", spy)
+    q, k, v, do = make_inputs(1, 2, 1, 70, 150, 16, 16, torch.float32, seed=12)
+    with forced_configs(configs):
+        errs = errors(lambda q, k, v: triton_attention(q, k, v, causal=True), q, k, v, do, True)
+    assert max(errs.values()) < TOLERANCE[torch.float32], errs
+    assert launched == [
+        ("attn_fwd_kernel", configs.fwd.block_q, configs.fwd.block_k),
+        ("attn_bwd_dkdv_kernel", configs.dkdv.block_q, configs.dkdv.block_k),
+        ("attn_bwd_dq_kernel", configs.dq.block_q, configs.dq.block_k),
+    ]
+
+
+@pytest.mark.parametrize("path", ["flash", "einsum", "tiled", "triton", "decode"])
+def test_large_scores_on_every_path(path):
+    """q scaled by 100: scores of several hundred, whose exponentials overflow float32 unless each row's maximum is subtracted.
+
+    Float32 against float64: a score of ~500 is rounded by ~500 * 6e-8 = 3e-5, and
+    the weights move by as much relatively; 1e-4 leaves room for a few of those.
+    """
+    if path in ("triton", "decode") and not INTERPRETED:
+        pytest.skip("the kernels run here in the interpreter only (TRITON_INTERPRET=1)")
+    gen = torch.Generator().manual_seed(13)
+    q = 100 * torch.randn(2, 4, 5, 16, generator=gen)
+    k, v = torch.randn(2, 2, 9, 16, generator=gen), torch.randn(2, 2, 9, 16, generator=gen)
+    attention = {
+        "flash": lambda: FlashAttention(causal=True)(q, k, v),
+        "einsum": lambda: FlashAttention(causal=True, flash=False)(q, k, v),
+        "tiled": lambda: tiled_attention(q, k, v, causal=True, block_q=2, block_k=4),
+        "triton": lambda: triton_attention(q, k, v, causal=True),
+        "decode": lambda: decode_attention(q, k, v, num_splits=2),  # the queries are the last 5 of 9
+    }[path]
+    scores = (q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)) * 16**-0.5
+    assert scores.abs().max() > 200 and torch.isinf(torch.exp(scores.float())).any()
+    o = attention()
+    assert torch.isfinite(o).all()
+    assert rel_error(o, reference_attention(q, k, v, causal=True)) < 1e-4
 
 
 @on_cpu
