@@ -137,7 +137,7 @@ def kernel_support(device: torch.device | str) -> KernelSupport:
     """Whether ``triton_attention`` and the decoding kernels can run on ``device`` in this Python.
 
     On a CUDA GPU they are compiled, and need compute capability 8.0 or newer
-    and triton 3.6 or newer; on the CPU they run in Triton's interpreter,
+    and triton 3.4 or newer; on the CPU they run in Triton's interpreter,
     which these kernels need from triton 3.7 on, switched on by
     ``TRITON_INTERPRET=1`` before their first call. The answer is
     :func:`flashattn.triton.runtime.triton_support`'s, worded for a reader;

@@ -47,7 +47,7 @@ echo "torch==${torch_state#keep }" >"$pin"
 "$py" -m pip install --quiet -c "$pin" -r requirements.txt -e .
 
 # Without a CUDA GPU the tests run the Triton kernels in Triton's interpreter,
-# which needs triton 3.7 or newer (the kernels compiled for a GPU run on 3.6).
+# which needs triton 3.7 or newer (the kernels compiled for a GPU need 3.4).
 if [ "$(uname -s)" = Linux ] && ! "$py" - 2>/dev/null <<'EOF'
 import re, sys
 import torch, triton
