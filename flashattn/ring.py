@@ -46,7 +46,7 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 from .attention import FlashAttention
 from .inputs import check_flag, prepare
 from .online_softmax import merge_partials
-from .tiled import _load_kv, _sum_groups, tiled_backward_two_pass, tiled_forward_fa2
+from .tiled import load_kv, sum_groups, tiled_backward_two_pass, tiled_forward_fa2
 from .triton.launch import fits_kernels
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -231,6 +231,92 @@ def _cudnn_lse_has_unit_dim() -> bool:
     return torch.ops.aten._scaled_dot_product_cudnn_attention(m, m, m, None, True)[1].dim() == 4
 
 
+def _packed(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``q``, ``k``, ``v`` as PyTorch's fused kernels take them: packed, one key/value head per query head."""
+    group = q.shape[1] // k.shape[1]
+    every = slice(None)  # the whole shard, repeated for the query heads of each group
+    return q.contiguous(), load_kv(k, every, group).contiguous(), load_kv(v, every, group).contiguous()
+
+
+def _tiled_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
+
+
+def _triton_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    from .triton.attention import triton_forward
+
+    return triton_forward(q, k, v, causal=causal, scale=scale)
+
+
+def _cudnn_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _packed(q, k, v)
+    o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+        q, k, v, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, is_causal=causal, scale=scale
+    )[:2]
+    return o, lse.reshape(q.shape[:3])
+
+
+def _flash_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> tuple[Tensor, Tensor]:
+    q, k, v = _packed(q, k, v)
+    o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p=0.0, is_causal=causal, scale=scale)[:2]
+    return o, lse.reshape(q.shape[:3])
+
+
+def _tiled_backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return tiled_backward_two_pass(do, q, k, v, o, lse, causal=causal, scale=scale)
+
+
+def _triton_backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    from .triton.attention import triton_backward
+
+    return triton_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+
+
+def _cudnn_backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    group = q.shape[1] // k.shape[1]
+    q, k_all, v_all = _packed(q, k, v)
+    lse = lse.float().contiguous()
+    # dropout is off: the random seed and offset are never read
+    seed, offset = (torch.empty((), dtype=torch.int64, device=q.device) for _ in range(2))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+        grad_out=do.contiguous(), query=q, key=k_all, value=v_all, out=o.contiguous(),
+        logsumexp=lse.unsqueeze(-1) if _cudnn_lse_has_unit_dim() else lse,  # in the shape its forward returns
+        philox_seed=seed, philox_offset=offset, attn_bias=None, cum_seq_q=None, cum_seq_k=None,
+        max_q=q.shape[2], max_k=k_all.shape[2], dropout_p=0.0, is_causal=causal, scale=scale,
+    )
+    return dq, sum_groups(dk, group), sum_groups(dv, group)
+
+
+def _flash_backward(do, q, k, v, o, lse, causal: bool, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    group = q.shape[1] // k.shape[1]
+    q, k_all, v_all = _packed(q, k, v)
+    # no cumulative lengths: the dense kernel, not the variable-length one; dropout is off, so the
+    # random state (shaped as the forward returns it) is never read
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad_out=do.contiguous(), query=q, key=k_all, value=v_all, out=o.contiguous(),
+        logsumexp=lse.float().contiguous(), cum_seq_q=None, cum_seq_k=None, max_q=q.shape[2],
+        max_k=k_all.shape[2], dropout_p=0.0, is_causal=causal,
+        philox_seed=torch.empty(2, dtype=torch.uint64, device=q.device),
+        philox_offset=torch.empty((), dtype=torch.uint64, device=q.device), scale=scale,
+    )
+    return dq, sum_groups(dk, group), sum_groups(dv, group)
+
+
+# each kernel of KERNELS: its forward (returning the log-sum-exp) and its backward (taking it)
+_BLOCK_KERNELS = {
+    "cudnn": (_cudnn_forward, _cudnn_backward),
+    "flash": (_flash_forward, _flash_backward),
+    "triton": (_triton_forward, _triton_backward),
+    "tiled": (_tiled_forward, _tiled_backward),
+}
+
+
+def _block_kernel(kernel: str) -> tuple:
+    if kernel not in _BLOCK_KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return _BLOCK_KERNELS[kernel]
+
+
 def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, kernel: str) -> tuple[Tensor, Tensor]:
     """Attention of ``q`` ``(b, h, i, d)`` over ``k`` ``(b, h_kv, j, d)``, ``v`` ``(b, h_kv, j, d_v)`` by ``kernel``.
 
@@ -238,25 +324,8 @@ def block_forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, k
     ``(o, lse)``: ``o`` ``(b, h, i, d_v)`` in the dtype of ``q``, ``lse``
     ``(b, h, i)`` in float32 (float64 for float64 inputs, on the tiled path).
     """
-    if kernel == "tiled":
-        return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
-    if kernel == "triton":
-        from .triton.attention import _forward, _prepare
-
-        p = _prepare(q, prepare(q, k, v, scale=scale))  # head dimensions padded, scale made >= 0
-        o, lse = _forward(p.q, p.k, p.v, causal, p.scale, p.configs.fwd)
-        return o[..., : p.d_v].to(p.dtype), lse
-    group = q.shape[1] // k.shape[1]
-    # the fused kernels want one key/value head per query head and packed inputs
-    every = slice(None)  # the whole shard, repeated for the query heads of each group
-    q, k, v = q.contiguous(), _load_kv(k, every, group).contiguous(), _load_kv(v, every, group).contiguous()
-    if kernel == "cudnn":
-        o, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, causal, scale=scale)[:2]
-    elif kernel == "flash":
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, scale=scale)[:2]
-    else:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return o, lse.reshape(q.shape[:3])
+    forward, _ = _block_kernel(kernel)
+    return forward(q, k, v, causal, scale)
 
 
 def block_backward(
@@ -271,43 +340,8 @@ def block_backward(
     kernel computes ``D`` itself from ``o`` and ``do`` (PyTorch's fused
     backward kernels take no ``D``), which costs one pass over those rows.
     """
-    if kernel == "tiled":
-        return tiled_backward_two_pass(do, q, k, v, o, lse, causal=causal, scale=scale)
-    if kernel == "triton":
-        from .triton.attention import _backward, _fit_head_dim, _prepare
-
-        p = _prepare(q, prepare(q, k, v, scale=scale))
-        d, d_v = q.shape[-1], v.shape[-1]
-        do_p = _fit_head_dim(do.to(p.q.dtype), p.v.shape[-1])
-        o_p = _fit_head_dim(o.to(p.q.dtype), p.v.shape[-1])
-        dq, dk, dv = _backward(do_p, p.q, p.k, p.v, o_p, lse.float().contiguous(), causal, p.scale, p.configs)
-        sign = -1.0 if scale < 0 else 1.0  # _prepare ran the kernels on -q when the scale is negative
-        return (sign * dq[..., :d]).to(q.dtype), dk[..., :d].to(k.dtype), dv[..., :d_v].to(v.dtype)
-    group = q.shape[1] // k.shape[1]
-    i, j = q.shape[2], k.shape[2]
-    q, do, o = q.contiguous(), do.contiguous(), o.contiguous()
-    every = slice(None)  # the whole shard, repeated for the query heads of each group
-    k, v = _load_kv(k, every, group).contiguous(), _load_kv(v, every, group).contiguous()
-    lse = lse.float().contiguous()
-    if kernel == "cudnn":
-        stats = lse.unsqueeze(-1) if _cudnn_lse_has_unit_dim() else lse
-        # dropout is off: the seed and offset are never read
-        seed = torch.empty((), dtype=torch.int64, device=q.device)
-        offset = torch.empty((), dtype=torch.int64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            do, q, k, v, o, stats, seed, offset, None, None, None, i, j, 0.0, causal, scale=scale
-        )
-    elif kernel == "flash":
-        # no cumulative lengths (None): the dense kernel, not the variable-length one; dropout is off,
-        # so the random state (shaped as the forward returns it) is never read
-        rng_state = torch.empty(2, dtype=torch.uint64, device=q.device)
-        unused = torch.empty((), dtype=torch.uint64, device=q.device)
-        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            do, q, k, v, o, lse, None, None, i, j, 0.0, causal, rng_state, unused, scale=scale
-        )
-    else:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    return dq, _sum_groups(dk, group), _sum_groups(dv, group)
+    _, backward = _block_kernel(kernel)
+    return backward(do, q, k, v, o, lse, causal, scale)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

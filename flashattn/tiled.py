@@ -41,7 +41,7 @@ def _kind(causal: bool, rows: slice, cols: slice, i: int, j: int) -> TileKind:
     return causal_tile_kind(rows, cols, i, j) if causal else TileKind.FULL
 
 
-def _load_kv(t: Tensor, cols: slice, g: int) -> Tensor:
+def load_kv(t: Tensor, cols: slice, g: int) -> Tensor:
     """The tile ``cols`` of keys or values ``(b, h_kv, j, ·)``, repeated for the ``g`` query heads of each group.
 
     Returns ``(b, h, B_c, ·)``: query head ``n`` reads key/value head ``n // g``.
@@ -50,7 +50,7 @@ def _load_kv(t: Tensor, cols: slice, g: int) -> Tensor:
     return tile if g == 1 else tile.repeat_interleave(g, dim=1)
 
 
-def _sum_groups(t: Tensor, g: int) -> Tensor:
+def sum_groups(t: Tensor, g: int) -> Tensor:
     """Sum ``(b, h, B_c, ·)`` over the ``g`` query heads of each group: ``(b, h_kv, B_c, ·)``."""
     return t if g == 1 else t.unflatten(1, (-1, g)).sum(dim=2)
 
@@ -106,8 +106,8 @@ def tiled_forward_fa2(
             kind = _kind(causal, rows, cols, i, j)
             if kind is TileKind.EMPTY:
                 break  # every later key tile lies further right, hidden too
-            k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
-            v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
+            k_tile = load_kv(k, cols, g)  # (b, h, B_c, d)
+            v_tile = load_kv(v, cols, g)  # (b, h, B_c, d_v)
             s = _scores(q_tile, k_tile, scale, kind, rows, cols, i, j)  # (b, h, B_r, B_c)
             m, l, p, alpha = online_softmax_update(m, l, s)  # p: (b, h, B_r, B_c)
             acc = alpha[..., None] * acc + p @ v_tile  # (b, h, B_r, d_v)
@@ -157,8 +157,8 @@ def tiled_forward_fa1(
     l = q.new_zeros(b, h, i)
     m = q.new_full((b, h, i), float("-inf"))
     for cols in tile_slices(j, block_k):  # line 5
-        k_tile = _load_kv(k, cols, g)  # line 6: (b, h, B_c, d)
-        v_tile = _load_kv(v, cols, g)  # line 6: (b, h, B_c, d_v)
+        k_tile = load_kv(k, cols, g)  # line 6: (b, h, B_c, d)
+        v_tile = load_kv(v, cols, g)  # line 6: (b, h, B_c, d_v)
         for rows in tile_slices(i, block_q):  # line 7
             kind = _kind(causal, rows, cols, i, j)
             if kind is TileKind.EMPTY:
@@ -253,8 +253,8 @@ def tiled_backward(
     dk = torch.zeros_like(k)  # (b, h_kv, j, d)
     dv = torch.zeros_like(v)  # (b, h_kv, j, d_v)
     for cols in tile_slices(j, block_k):
-        k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
-        v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
+        k_tile = load_kv(k, cols, g)  # (b, h, B_c, d)
+        v_tile = load_kv(v, cols, g)  # (b, h, B_c, d_v)
         dk_tile = torch.zeros_like(k_tile)  # (b, h, B_c, d)
         dv_tile = torch.zeros_like(v_tile)  # (b, h, B_c, d_v)
         for rows in tile_slices(i, block_q):
@@ -267,8 +267,8 @@ def tiled_backward(
             dv_tile += p.transpose(-1, -2) @ do_tile
             dq[:, :, rows] += (ds @ k_tile) * scale  # the atomic addition of a kernel
             dk_tile += (ds.transpose(-1, -2) @ q_tile) * scale
-        dk[:, :, cols] = _sum_groups(dk_tile, g)
-        dv[:, :, cols] = _sum_groups(dv_tile, g)
+        dk[:, :, cols] = sum_groups(dk_tile, g)
+        dv[:, :, cols] = sum_groups(dv_tile, g)
     return dq.to(out_dtype), dk.view(k_shape).to(out_dtype), dv.view(v_shape).to(out_dtype)
 
 
@@ -301,8 +301,8 @@ def tiled_backward_two_pass(
     dk = torch.empty_like(k)  # (b, h_kv, j, d)
     dv = torch.empty_like(v)  # (b, h_kv, j, d_v)
     for cols in tile_slices(j, block_k):  # pass 1: one program per key tile (attn_bwd_dkdv_kernel)
-        k_tile = _load_kv(k, cols, g)  # (b, h, B_c, d)
-        v_tile = _load_kv(v, cols, g)  # (b, h, B_c, d_v)
+        k_tile = load_kv(k, cols, g)  # (b, h, B_c, d)
+        v_tile = load_kv(v, cols, g)  # (b, h, B_c, d_v)
         dk_tile = torch.zeros_like(k_tile)  # (b, h, B_c, d)
         dv_tile = torch.zeros_like(v_tile)  # (b, h, B_c, d_v)
         for rows in tile_slices(i, block_q):
@@ -314,8 +314,8 @@ def tiled_backward_two_pass(
                                     scale, kind, rows, cols, i, j)
             dv_tile += p.transpose(-1, -2) @ do_tile
             dk_tile += ds.transpose(-1, -2) @ q_tile
-        dk[:, :, cols] = _sum_groups(dk_tile, g) * scale
-        dv[:, :, cols] = _sum_groups(dv_tile, g)
+        dk[:, :, cols] = sum_groups(dk_tile, g) * scale
+        dv[:, :, cols] = sum_groups(dv_tile, g)
     for rows in tile_slices(i, block_q):  # pass 2: one program per query tile (attn_bwd_dq_kernel)
         q_tile, do_tile = q[:, :, rows], do[:, :, rows]
         dq_tile = torch.zeros_like(q_tile)  # (b, h, B_r, d)
@@ -323,8 +323,8 @@ def tiled_backward_two_pass(
             kind = _kind(causal, rows, cols, i, j)
             if kind is TileKind.EMPTY:
                 break  # every later key tile lies further right, hidden too
-            k_tile = _load_kv(k, cols, g)
-            _, ds = _tile_gradients(q_tile, k_tile, _load_kv(v, cols, g), do_tile, lse[:, :, rows],
+            k_tile = load_kv(k, cols, g)
+            _, ds = _tile_gradients(q_tile, k_tile, load_kv(v, cols, g), do_tile, lse[:, :, rows],
                                     delta[:, :, rows], scale, kind, rows, cols, i, j)
             dq_tile += ds @ k_tile
         dq[:, :, rows] = dq_tile * scale

@@ -22,15 +22,17 @@ from dataclasses import dataclass
 from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..inputs import Prepared, check_flag, prepare
-from ..tiled import tiled_attention, tiled_forward_fa2
+from ..tiled import tiled_attention, tiled_backward, tiled_forward_fa2
 from . import hopper
 from .hopper import HopperLaunch
-from .launch import KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, is_forced, pick_configs
+from .launch import (
+    KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, fit_head_dim, is_forced, kernel_operands,
+    pick_configs,
+)
 from .runtime import check_device, is_interpreted, launch, load_kernels
 
 
@@ -42,18 +44,6 @@ def _kernels() -> ModuleType:
 def _run(name: str, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
     """Launch the kernel ``name`` of :mod:`flashattn.triton.kernels` on ``grid``."""
     launch(getattr(_kernels(), name), grid, *args, **kwargs)
-
-
-def _kernel_head_dim(n: int) -> int:
-    """The head dimension the kernels work with: a power of two, at least 16 (the smallest tensor-core product)."""
-    return max(16, 1 << (n - 1).bit_length())
-
-
-def _fit_head_dim(t: Tensor, size: int) -> Tensor:
-    """``t`` with its last dimension zero-padded to ``size`` and unit-strided, as the kernels read it."""
-    if t.shape[-1] < size:
-        return F.pad(t, (0, size - t.shape[-1]))
-    return t if t.stride(-1) == 1 else t.contiguous()
 
 
 def _forward(
@@ -144,7 +134,7 @@ def _backward(
 class _TritonAttention(torch.autograd.Function):
     """The kernels' forward and backward: saves only ``q``, ``k``, ``v``, ``o`` and ``lse``.
 
-    Takes inputs in the form the kernels read, which ``_prepare`` gives:
+    Takes inputs in the form the kernels read, which ``kernel_inputs`` gives:
     ``q`` (b, h, i, d), ``k`` (b, h_kv, j, d), ``v`` (b, h_kv, j, d_v), 4-D,
     last dimension unit-strided, ``d`` and ``d_v`` powers of two from 16 to
     256, one dtype of float16, bfloat16, float32; ``scale >= 0``. Returns
@@ -169,8 +159,12 @@ class _TritonAttention(torch.autograd.Function):
 
 
 @dataclass
-class _Prepared:
-    """Inputs in the form the kernels read, and what is needed to give the result back its form."""
+class KernelInputs:
+    """Inputs in the form the kernels read (see ``_TritonAttention``), and what gives the result back its form.
+
+    ``negated``: the kernels take ``scale >= 0``, so a negative scale is run
+    as ``(-q) k^T |scale|``; the gradient of ``q`` then changes sign.
+    """
 
     q: Tensor
     k: Tensor
@@ -179,37 +173,30 @@ class _Prepared:
     configs: KernelConfigs
     d_v: int
     dtype: torch.dtype
+    negated: bool
 
 
-def _prepare(q: Tensor, x: Prepared, causal: bool = False) -> _Prepared:
-    """Check the inputs and bring them to the form the kernels read (see ``_TritonAttention``)."""
-    k, v, scale = x.k, x.v, x.scale
+def kernel_inputs(q: Tensor, x: Prepared, causal: bool = False) -> KernelInputs:
+    """Check ``q`` and the prepared inputs ``x`` (:func:`~flashattn.inputs.prepare`) for the kernels, and bring them to their form."""
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"triton_attention takes float16, bfloat16 or float32 inputs, got {q.dtype}")
-    d, d_v = q.shape[-1], v.shape[-1]
+    d, d_v = q.shape[-1], x.v.shape[-1]
     if max(d, d_v) > MAX_HEAD_DIM:
         raise ValueError(
             f"triton_attention takes head dimensions up to {MAX_HEAD_DIM}, got d = {d} and d_v = {d_v} "
-            f"(q {tuple(q.shape)}, v {tuple(v.shape)})"
+            f"(q {tuple(q.shape)}, v {tuple(x.v.shape)})"
         )
     interpreted = is_interpreted(_kernels().attn_fwd_kernel)
     check_device("triton_attention", interpreted, q.device)
 
-    dtype = q.dtype
-    if interpreted and dtype == torch.bfloat16:
-        # numpy has no bfloat16, and the interpreter's stand-in computes it wrongly: work in float32
-        q, k, v = q.float(), k.float(), v.float()
-    if scale < 0:
-        # the kernels need scale >= 0 (they scale the row maximum, not every score); (-q) k^T |scale| is the same
-        q, scale = -q, -scale
-    head_dim, head_dim_v = _kernel_head_dim(d), _kernel_head_dim(d_v)
-    # zero columns change no score q k^T, and add output columns that are cut off again
-    q, k = _fit_head_dim(q, head_dim), _fit_head_dim(k, head_dim)
-    v = _fit_head_dim(v, head_dim_v)
-    configs = pick_configs(q.device, q.dtype, head_dim, q.shape[2], k.shape[2], interpreted)
+    q_k, k, v = kernel_operands(q, x.k, x.v, interpreted)
+    negated = x.scale < 0
+    # the kernels need scale >= 0 (they scale the row maximum, not every score); (-q) k^T |scale| is the same
+    q_k, scale = (-q_k, -x.scale) if negated else (q_k, x.scale)
+    configs = pick_configs(q.device, q_k.dtype, q_k.shape[-1], q.shape[2], k.shape[2], interpreted)
     if not interpreted and not is_forced():
-        configs = hopper.hopper_configs(configs, q.device, head_dim, causal, q.shape[2], k.shape[2], q, k, v)
-    return _Prepared(q, k, v, scale, configs, d_v, dtype)
+        configs = hopper.hopper_configs(configs, q.device, q_k.shape[-1], causal, q.shape[2], k.shape[2], q_k, k, v)
+    return KernelInputs(q_k, k, v, scale, configs, d_v, q.dtype, negated)
 
 
 def triton_forward(
@@ -225,9 +212,34 @@ def triton_forward(
     x = prepare(q, k, v, scale=scale)  # 3-D k, v become (b, 1, j, ·) views, through which autograd returns
     if x.is_empty:  # nothing to compute: no kernel is launched on an empty grid
         return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, x, causal)
-    o, lse = _forward(p.q, p.k, p.v, causal, p.scale, p.configs.fwd)
-    return o[..., : p.d_v].to(p.dtype), lse
+    inputs = kernel_inputs(q, x, causal)
+    o, lse = _forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
+    return o[..., : inputs.d_v].to(inputs.dtype), lse
+
+
+def triton_backward(
+    do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, *, causal: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The backward kernels alone, as ``tiled_backward`` computes them: no autograd.
+
+    ``do`` and ``o`` ``(b, h, i, d_v)`` and ``lse`` ``(b, h, i)`` as
+    :func:`triton_forward` returns them (or those of a larger attention,
+    restricted to these rows, as the ring passes them); the other arguments
+    as for :func:`triton_attention`. Returns ``(dq, dk, dv)`` shaped and
+    typed like ``q``, ``k``, ``v``.
+    """
+    causal = check_flag("causal", causal)
+    x = prepare(q, k, v, scale=scale)
+    if x.is_empty:
+        return tiled_backward(do, q, k, v, o, lse, causal=causal, scale=scale)
+    inputs = kernel_inputs(q, x, causal)
+    d, d_v = q.shape[-1], x.v.shape[-1]
+    do, o = (fit_head_dim(t.to(inputs.q.dtype), inputs.v.shape[-1]) for t in (do, o))
+    dq, dk, dv = _backward(do, inputs.q, inputs.k, inputs.v, o, lse.float().contiguous(), causal, inputs.scale,
+                           inputs.configs)
+    dq = -dq if inputs.negated else dq
+    return dq[..., :d].to(q.dtype), dk[..., :d].reshape(k.shape).to(k.dtype), dv[..., :d_v].reshape(v.shape).to(v.dtype)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
@@ -250,6 +262,6 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
     x = prepare(q, k, v, scale=scale)
     if x.is_empty:
         return tiled_attention(q, k, v, causal=causal, scale=scale)
-    p = _prepare(q, x, causal)
-    o = _TritonAttention.apply(p.q, p.k, p.v, causal, p.scale, p.configs)  # (b, h, i, padded d_v)
-    return o[..., : p.d_v].to(p.dtype)
+    inputs = kernel_inputs(q, x, causal)
+    o = _TritonAttention.apply(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs)  # (b, h, i, padded d_v)
+    return o[..., : inputs.d_v].to(inputs.dtype)

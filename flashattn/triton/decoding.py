@@ -15,7 +15,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .attention import _fit_head_dim, _kernel_head_dim
+from .launch import kernel_operands
 from .runtime import check_device, is_interpreted, launch, load_kernels
 
 MAX_ROWS = 64  # stacked query rows (g * i) per program; more rows take more programs
@@ -110,7 +110,7 @@ def _slots(kernel, device: torch.device, cfg: DecodeConfig, args: tuple, constan
     return resident_programs(kernel, device, cfg, args, constants) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
     """The inputs in the form the kernels read, and how they are launched."""
 
@@ -124,42 +124,46 @@ class _Plan:
     constants: dict
     num_splits: int
 
-    def chunk_args(self, o_part: Tensor, lse_part: Tensor) -> tuple:
-        """The chunk kernel's arguments, writing into ``o_part`` and ``lse_part``."""
-        q, k, v = self.q, self.k, self.v
-        b, h, i, _ = q.shape
-        lens = self.lens if self.lens is not None else lse_part  # not read without lengths
-        return (q, k, v, lens, o_part, lse_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-                h, h // k.shape[1], i, k.shape[2], self.num_splits, self.scale * math.log2(math.e))
+
+def _chunk_args(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int,
+                o_part: Tensor, lse_part: Tensor) -> tuple:
+    """The chunk kernel's arguments, writing into ``o_part`` and ``lse_part``."""
+    b, h, i, _ = q.shape
+    lens = lens if lens is not None else lse_part  # not read without lengths
+    return (q, k, v, lens, o_part, lse_part, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            h, h // k.shape[1], i, k.shape[2], num_splits, scale * math.log2(math.e))
+
+
+# What fits on an SM is read from the chunk kernel compiled for a launch of several chunks: Triton
+# compiles num_splits = 2 like any other count that is neither 1 nor a multiple of 16
+PROBE_SPLITS = 2
+
+
+def _wave_splits(kernels: ModuleType, q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, cfg: DecodeConfig,
+                 constants: dict) -> int:
+    """:func:`choose_num_splits` for the programs this GPU runs at once."""
+    b, h, i, _ = q.shape
+    h_kv, j = k.shape[1], k.shape[2]
+    probe = q.new_empty(1, dtype=torch.float32)  # compiling needs arguments of the right types only
+    args = _chunk_args(q, k, v, lens, 1.0, PROBE_SPLITS, probe, probe)
+    slots = _slots(kernels.decode_split_kernel, q.device, cfg, args, constants)
+    return choose_num_splits(b, h_kv, h // h_kv, i, j, cfg.block_k, slots)
 
 
 def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> _Plan:
     kernels = load_kernels("decode_kernels", "decode_attention")
     interpreted = is_interpreted(kernels.decode_split_kernel)
     check_device("decode_attention", interpreted, q.device)
-    if interpreted and q.dtype == torch.bfloat16:
-        # numpy has no bfloat16, and the interpreter's stand-in computes it wrongly: work in float32
-        q, k, v = q.float(), k.float(), v.float()
-    b, h, i, d = q.shape
-    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
-    g = h // h_kv
-    # zero columns change no score q k^T, and add output columns that are cut off again
-    head_dim, head_dim_v = _kernel_head_dim(d), _kernel_head_dim(d_v)
-    q, k, v = _fit_head_dim(q, head_dim), _fit_head_dim(k, head_dim), _fit_head_dim(v, head_dim_v)
+    g, i, j = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
+    q, k, v = kernel_operands(q, k, v, interpreted)
     cfg = decode_config(q.dtype, interpreted)
-    constants = dict(D=head_dim, DV=head_dim_v, BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
+    constants = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
                      HAS_LENS=lens is not None)
-    plan = _Plan(kernels, q, k, v, lens, scale, cfg, constants, num_splits or 2)
     if num_splits is None:
-        if interpreted:
-            num_splits = 1
-        else:
-            probe = q.new_empty(1, dtype=torch.float32)  # compiling needs arguments of the right types only
-            slots = _slots(kernels.decode_split_kernel, q.device, cfg, plan.chunk_args(probe, probe), constants)
-            num_splits = choose_num_splits(b, h_kv, g, i, j, cfg.block_k, slots)
+        num_splits = 1 if interpreted else _wave_splits(kernels, q, k, v, lens, cfg, constants)
     # more chunks than key tiles would only add empty ones: the result is the same without them
-    plan.num_splits = max(1, min(num_splits, math.ceil(j / cfg.block_k), MAX_SPLITS))
-    return plan
+    num_splits = max(1, min(num_splits, math.ceil(j / cfg.block_k), MAX_SPLITS))
+    return _Plan(kernels, q, k, v, lens, scale, cfg, constants, num_splits)
 
 
 def decode_num_splits(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None = None) -> int:
@@ -183,7 +187,8 @@ def triton_decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: f
     o_part = plan.q.new_empty(b, h, i, splits, head_dim_v, dtype=torch.float32 if splits > 1 else plan.q.dtype)
     lse_part = plan.q.new_empty(b, h, i, splits, dtype=torch.float32)
     grid = (splits, h_kv * math.ceil(h // h_kv * i / plan.constants["BLOCK_M"]), b)
-    launch(kernels.decode_split_kernel, grid, *plan.chunk_args(o_part, lse_part), **plan.constants,
+    args = _chunk_args(plan.q, plan.k, plan.v, plan.lens, plan.scale, splits, o_part, lse_part)
+    launch(kernels.decode_split_kernel, grid, *args, **plan.constants,
            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if splits == 1:
         o = o_part.view(b, h, i, head_dim_v)

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 MIN_CAPABILITY = (8, 0)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,6 +123,31 @@ def forced_configs(configs: KernelConfigs) -> Iterator[None]:
 def is_forced() -> bool:
     """Whether a :func:`forced_configs` block is active."""
     return _forced is not None
+
+
+def kernel_head_dim(n: int) -> int:
+    """The head dimension the kernels work with: a power of two, at least 16 (the smallest tensor-core product)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def fit_head_dim(t: Tensor, size: int) -> Tensor:
+    """``t`` with its last dimension zero-padded to ``size`` and unit-strided, as the kernels read it."""
+    if t.shape[-1] < size:
+        return F.pad(t, (0, size - t.shape[-1]))
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def kernel_operands(q: Tensor, k: Tensor, v: Tensor, interpreted: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``q``, ``k``, ``v`` as the kernels read them: head dimensions padded to :func:`kernel_head_dim`, unit last stride.
+
+    Zero columns change no score ``q k^T``, and add output columns that the
+    caller cuts off again. In the interpreter bfloat16 becomes float32: numpy
+    has no bfloat16, and the interpreter's stand-in computes it wrongly.
+    """
+    if interpreted and q.dtype == torch.bfloat16:
+        q, k, v = q.float(), k.float(), v.float()
+    head_dim, head_dim_v = kernel_head_dim(q.shape[-1]), kernel_head_dim(v.shape[-1])
+    return fit_head_dim(q, head_dim), fit_head_dim(k, head_dim), fit_head_dim(v, head_dim_v)
 
 
 def check_capability(device: torch.device) -> None:
