@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
-from .inputs import check_lengths_in_range, prepare
+from .inputs import check_lengths_in_range, check_positive_int, prepare
 from .online_softmax import finite_or_zero, merge_partials
 from .tiles import tile_slices
 from .triton.launch import KERNEL_DTYPES, MAX_HEAD_DIM, fits_kernels
@@ -92,14 +92,6 @@ def _check_cache_lens(cache_lens: Tensor | None, b: int, j: int, device: torch.d
     # there the kernel clamps each length to [0, j] instead
     check_lengths_in_range("cache_lens", cache_lens, j, "k_cache.shape[2]")
     return cache_lens
-
-
-def _check_num_splits(num_splits: int | None) -> int | None:
-    if num_splits is None:
-        return None
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 1:
-        raise ValueError(f"num_splits must be None or a positive integer, got {num_splits!r}")
-    return num_splits
 
 
 def _uses_kernels(q: Tensor, d_v: int) -> bool:
@@ -192,7 +184,7 @@ def decode_attention(
     b, h, i, _ = q.shape
     j, d_v = x.k.shape[2], x.v.shape[3]
     lens = _check_cache_lens(cache_lens, b, j, q.device)
-    num_splits = _check_num_splits(num_splits)
+    num_splits = check_positive_int("num_splits", num_splits, or_none=True)
     if q.numel() == 0 or j == 0:  # nothing to attend: every query has no key
         return q.new_zeros(b, h, i, d_v)
     if torch.is_grad_enabled() and (q.requires_grad or x.k.requires_grad or x.v.requires_grad):

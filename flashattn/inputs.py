@@ -129,6 +129,18 @@ def check_lengths_in_range(name: str, lengths: Tensor, j: int, j_is: str = "") -
         raise ValueError(f"{name} must lie in [0, j] = [0, {j}]{where}, got values from {low} to {high}")
 
 
+def check_positive_int(name: str, value: int | None, *, or_none: bool = False) -> int | None:
+    """Return ``value`` if it is a positive int (or None, when ``or_none``); raise ``ValueError`` naming ``name`` otherwise.
+
+    A bool is not taken for an int here, nor ``2.0``.
+    """
+    if or_none and value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be {'None or ' if or_none else ''}a positive integer, got {value!r}")
+    return value
+
+
 def check_flag(name: str, value: bool) -> bool:
     """Return ``value`` if it is a bool; raise ``TypeError`` naming ``name`` otherwise (``0.1`` is not ``True``)."""
     if not isinstance(value, bool):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from .inputs import check_positive_int
 from .tiles import TileKind, causal_tile_kind, tile_slices
 
 
@@ -63,9 +64,7 @@ def _blocks(
             f"give either sram or both block_q and block_k, got sram={sram}, block_q={block_q}, block_k={block_k}"
         )
     if sram is None:
-        if block_q < 1 or block_k < 1:
-            raise ValueError(f"block_q and block_k must be positive, got {block_q} and {block_k}")
-        return block_q, block_k
+        return check_positive_int("block_q", block_q), check_positive_int("block_k", block_k)
     small, large = theorem2_block_sizes(d, sram)
     return (large, small) if resident_is_q else (small, large)
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .inputs import check_lengths_in_range
+from .inputs import check_lengths_in_range, check_positive_int
 
 
 def causal_mask(i: int, j: int, device: torch.device | str | None = None) -> Tensor:
@@ -56,8 +56,7 @@ def alibi_slopes(h: int) -> list[float]:
     def geometric(n: int) -> list[float]:
         return [2.0 ** (-8.0 * k / n) for k in range(1, n + 1)]
 
-    if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-        raise ValueError(f"the number of heads h must be a positive integer, got {h!r}")
+    check_positive_int("the number of heads h", h)
     p = 2 ** math.floor(math.log2(h))
     return geometric(p) + geometric(2 * p)[0::2][: h - p]
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .inputs import check_positive_int
+
 
 def finite_or_zero(m: Tensor) -> Tensor:
     """``m`` with ``-inf`` replaced by 0: a shift that keeps ``exp(-inf - shift)`` at 0 instead of NaN."""
@@ -84,8 +86,7 @@ def streaming_softmax(s: Tensor, block_size: int) -> tuple[Tensor, Tensor]:
     ``lse`` ``(...)``, which is ``-inf`` (and ``p`` zero) for a row of only
     ``-inf``.
     """
-    if block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size}")
+    check_positive_int("block_size", block_size)
     m = s.new_full(s.shape[:-1], float("-inf"))  # (...)
     l = s.new_zeros(s.shape[:-1])  # (...)
     for start in range(0, s.shape[-1], block_size):

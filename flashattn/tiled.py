@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from .inputs import Prepared, check_flag, prepare
+from .inputs import Prepared, check_flag, check_positive_int, prepare
 from .online_softmax import finite_or_zero, online_softmax_update
 from .tiles import TileKind, causal_tile_kind, tile_slices
 
@@ -55,15 +55,14 @@ def sum_groups(t: Tensor, g: int) -> Tensor:
     return t if g == 1 else t.unflatten(1, (-1, g)).sum(dim=2)
 
 
-def _prepare(q: Tensor, k: Tensor, v: Tensor, scale: float | None, block_q: int, block_k: int) -> Prepared:
-    """The shared preparation (:func:`~flashattn.inputs.prepare`) in the working dtype, and the tile sizes checked.
+def _in_working_dtype(q: Tensor, k: Tensor, v: Tensor, scale: float | None, block_q: int, block_k: int) -> Prepared:
+    """The inputs prepared (:func:`~flashattn.inputs.prepare`) in the working dtype, and the tile sizes checked.
 
     Exponentials and running sums lose too much in half precision, so the
     work is done in at least float32, as the kernels accumulate.
     """
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-            raise ValueError(f"{name} must be a positive integer, got {block!r}")
+    check_positive_int("block_q", block_q)
+    check_positive_int("block_k", block_k)
     return prepare(q, k, v, scale=scale, dtype=torch.promote_types(q.dtype, torch.float32))
 
 
@@ -91,7 +90,7 @@ def tiled_forward_fa2(
     least float32, ``-inf`` for a row with no key (whose ``o`` is zero).
     """
     out_dtype = q.dtype
-    x = _prepare(q, k, v, scale, block_q, block_k)
+    x = _in_working_dtype(q, k, v, scale, block_q, block_k)
     q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
     j, d_v = k.shape[2], v.shape[3]
@@ -149,7 +148,7 @@ def tiled_forward_fa1(
     ``lse = m + log l``, formed once at the end.
     """
     out_dtype = q.dtype
-    x = _prepare(q, k, v, scale, block_q, block_k)
+    x = _in_working_dtype(q, k, v, scale, block_q, block_k)
     q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
     j, d_v = k.shape[2], v.shape[3]
@@ -202,7 +201,7 @@ def _backward_setup(
 
     Returns ``(do, q, k, v, delta, lse, scale, g)``; ``k``, ``v`` 4-D.
     """
-    x = _prepare(q, k, v, scale, block_q, block_k)
+    x = _in_working_dtype(q, k, v, scale, block_q, block_k)
     q, k, v, scale = x.q, x.k, x.v, x.scale
     do, o = do.to(q.dtype), o.to(q.dtype)
     delta = (do * o).sum(dim=-1)  # (b, h, i): D

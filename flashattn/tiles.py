@@ -20,6 +20,8 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+from .inputs import check_positive_int
+
 
 class TileKind(IntEnum):
     """What a mask leaves of one tile of the score matrix."""
@@ -31,8 +33,7 @@ class TileKind(IntEnum):
 
 def tile_slices(n: int, block: int) -> list[slice]:
     """``range(n)`` cut into consecutive slices of ``block`` indices; the last may be shorter."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive integer, got {block!r}")
+    check_positive_int("block", block)
     return [slice(start, min(start + block, n)) for start in range(0, n, block)]
 
 
