@@ -248,7 +248,7 @@ def main() -> None:
     hopper_table = {f"{d}/{'causal' if causal else 'no mask'}/{length}": {
         kernel: None if launch is None else list(vars(launch).values())
         for kernel, launch in zip(("fwd", "dkdv", "dq"), launches)}
-        for (d, causal, length), launches in hopper._TABLE.items()}
+        for (d, causal, length), launches in hopper.hopper_table().items()}
 
     def write(complete: bool = False) -> None:
         """The results so far (after every point, so that a run cut short keeps what it measured)."""

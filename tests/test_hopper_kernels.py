@@ -22,7 +22,7 @@ from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import is_interpreted
 from test_triton_attention import RATIO_FLOOR, TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
 
-INTERPRETED = is_interpreted(hopper._kernels().attn_fwd_tma_kernel)
+INTERPRETED = is_interpreted(hopper._hopper_kernels().attn_fwd_tma_kernel)
 HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 on_cpu = pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
 on_hopper = pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.x")
@@ -157,7 +157,7 @@ def test_hopper_configs_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     cuda = torch.device("cuda")
     got = hopper.hopper_configs(base, cuda, 128, False, 4096, 4096, x, x, x)
-    fwd, dkdv, dq = hopper._TABLE[(128, False, "long")]
+    fwd, dkdv, dq = hopper.hopper_table()[(128, False, "long")]
     assert (got.fwd, got.dkdv, got.dq) == (fwd, base.dkdv, dq) and dkdv is None
     assert hopper.hopper_configs(base, cuda, 32, True, 512, 512, x, x, x) == base  # a row without Hopper launches
     assert hopper.hopper_configs(base, cuda, 256, False, 4096, 4096, x, x, x) == base  # no row for d = 256
@@ -183,3 +183,14 @@ def test_hopper_path_and_pointer_path_agree(d, causal):
     for name in pytorch:
         bound = max(2 * pytorch[name], RATIO_FLOOR[torch.bfloat16])
         assert hopper_errs[name] <= bound and pointer_errs[name] <= bound, (name, hopper_errs, pointer_errs, pytorch)
+
+
+@pytest.mark.parametrize("alignment", [16, 128, 256])
+@pytest.mark.parametrize("start", [0, 1, 7])
+def test_the_workspace_view_is_aligned(alignment, start):
+    """Triton asks its allocator for aligned bytes; the workspace is cut from a block one alignment longer."""
+    size = 1000
+    buffer = torch.empty(size + alignment - 1 + start, dtype=torch.int8)[start:]  # starts wherever it falls
+    view = hopper.aligned_view(buffer, size, alignment)
+    assert view.data_ptr() % alignment == 0 and view.numel() == size
+    assert buffer.data_ptr() <= view.data_ptr() and view.data_ptr() + size <= buffer.data_ptr() + buffer.numel()

@@ -3,7 +3,7 @@
 ``triton_attention`` takes this path on GPUs of compute capability 9.x for
 float16 and bfloat16 inputs whose layout a TMA descriptor can describe
 (``tma_fits``), kernel by kernel: ``hopper_configs`` puts a Hopper launch in
-place of the launch table's where ``_TABLE`` below has one, and leaves the
+place of the launch table's where ``_HOPPER_TABLE`` below has one, and leaves the
 pointer kernel of :mod:`flashattn.triton.kernels` where it has none, because
 it was measured faster there. Every other call runs the kernels of
 :mod:`flashattn.triton.kernels`, as before. The kernels create their
@@ -46,12 +46,12 @@ class HopperLaunch:
 
 _L = HopperLaunch
 # (padded head dimension, causal, length) -> launches of the forward, dK/dV and dQ kernels; None keeps
-# the pointer kernel at the launch table's config. "short": neither i nor j above SHORT. Chosen by
+# the pointer kernel at the launch table's config. "short": neither i nor j above HOPPER_SHORT. Chosen by
 # benchmarks/tune_hopper.py on the H200 (flashattn/results/hopper-steps-h200.json): a Hopper launch only
 # where it was at least as fast as the pointer kernel at every length of its row. Warp-specialised loops
 # never were, and are not used.
-SHORT = 1024
-_TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | None, HopperLaunch | None]] = {
+HOPPER_SHORT = 1024  # not launch.SHORT: the Hopper rows were measured with their own split
+_HOPPER_TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | None, HopperLaunch | None]] = {
     (64, False, "short"): (None, None, None),
     (64, False, "long"): (_L(128, 64, 8, 3, False), None, _L(128, 64, 8, 3, False)),
     (64, True, "short"): (None, None, None),
@@ -69,9 +69,9 @@ def hopper_table() -> dict[tuple[int, bool, str], tuple[HopperLaunch | None, Hop
 
     Each value holds the launches of the forward, dK/dV and dQ kernels; None
     keeps the pointer kernel at :func:`flashattn.triton.launch.launch_table`'s
-    config. Length is "short" when neither i nor j exceeds :data:`SHORT`.
+    config. Length is "short" when neither i nor j exceeds :data:`HOPPER_SHORT`.
     """
-    return dict(_TABLE)
+    return dict(_HOPPER_TABLE)
 
 
 @contextlib.contextmanager
@@ -87,24 +87,40 @@ def tma_kernels(enabled: bool) -> Iterator[None]:
 
 def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, causal: bool, i: int, j: int,
                    *tensors: Tensor) -> KernelConfigs:
-    """``configs`` with the Hopper launches of ``_TABLE`` in place of the pointer kernels', where they apply.
+    """``configs`` with the Hopper launches of ``_HOPPER_TABLE`` in place of the pointer kernels', where they apply.
 
     They apply on a GPU of compute capability 9.x, for head dimensions up to
     128, when every one of ``tensors`` fits a TMA descriptor.
     """
-    key = (max(head_dim, 64), causal, "short" if max(i, j) <= SHORT else "long")
-    if not _enabled or key not in _TABLE or torch.cuda.get_device_capability(device)[0] != 9 or not tma_fits(*tensors):
+    key = (max(head_dim, 64), causal, "short" if max(i, j) <= HOPPER_SHORT else "long")
+    if not _enabled or key not in _HOPPER_TABLE or torch.cuda.get_device_capability(device)[0] != 9 or not tma_fits(*tensors):
         return configs
-    fwd, dkdv, dq = _TABLE[key]
+    fwd, dkdv, dq = _HOPPER_TABLE[key]
     return dataclasses.replace(configs, fwd=fwd or configs.fwd, dkdv=dkdv or configs.dkdv, dq=dq or configs.dq)
 
 
-def _kernels() -> ModuleType:
+def _hopper_kernels() -> ModuleType:
+    """The Hopper kernel module, imported on first use."""
     return load_kernels("hopper_kernels", "triton_attention")
 
 
+def aligned_view(buffer: Tensor, size: int, alignment: int) -> Tensor:
+    """``size`` bytes of the int8 ``buffer`` (at least ``size + alignment - 1`` long), from its first address that is a multiple of ``alignment``."""
+    offset = -buffer.data_ptr() % alignment
+    return buffer[offset : offset + size]
+
+
 def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    """Triton's allocator: ``size`` bytes from PyTorch's caching allocator, aligned, for the launch's stream.
+
+    ``stream`` is the handle of the CUDA stream the kernel is launched on
+    (None: the current one): the block is allocated on it, so that the
+    allocator reuses it only after the kernel's work on that stream.
+    """
+    on_stream = stream is not None and stream != torch.cuda.current_stream().cuda_stream
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream)) if on_stream else contextlib.nullcontext():
+        buffer = torch.empty(size + alignment - 1, dtype=torch.int8, device="cuda")
+    return aligned_view(buffer, size, alignment)
 
 
 def _use_torch_allocator() -> None:
@@ -132,8 +148,9 @@ def tma_fits(*tensors: Tensor) -> bool:
     return True
 
 
-def _run(name: str, grid: tuple[int, int, int], cfg: HopperLaunch, *args: object, **kwargs: object) -> None:
-    kernel = getattr(_kernels(), name)
+def _launch_tma(name: str, grid: tuple[int, int, int], cfg: HopperLaunch, *args: object, **kwargs: object) -> None:
+    """Launch the Hopper kernel ``name`` on ``grid`` with the tiles, warps and stages of ``cfg``."""
+    kernel = getattr(_hopper_kernels(), name)
     if not is_interpreted(kernel):  # the interpreter keeps its descriptors in host memory
         _use_torch_allocator()
     launch(kernel, grid, *args, **kwargs, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
@@ -146,7 +163,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: Ho
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
     lse = q.new_empty(b, h, i, dtype=torch.float32)
-    _run("attn_fwd_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+    _launch_tma("attn_fwd_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
          q, k, v, o, lse,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
          h // h_kv, i, j, scale * math.log2(math.e),
@@ -162,7 +179,7 @@ def backward_dkdv(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
-    _run("attn_bwd_dkdv_tma_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+    _launch_tma("attn_bwd_dkdv_tma_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
          q, k, v, do, lse, delta, dk, dv,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
          h, h // h_kv, i, j, scale, scale * math.log2(math.e),
@@ -178,7 +195,7 @@ def backward_dq(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dq = q.new_empty(q.shape)
-    _run("attn_bwd_dq_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+    _launch_tma("attn_bwd_dq_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
          q, k, v, do, lse, delta, dq,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
          h // h_kv, i, j, scale, scale * math.log2(math.e),
@@ -195,7 +212,7 @@ def backward_fused(
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
     dq = torch.zeros(b, h, i, d, dtype=torch.float32, device=q.device)
-    _run("attn_bwd_fused_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+    _launch_tma("attn_bwd_fused_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
          q, k, v, do, lse, delta, dk, dv, dq,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
          h, h // h_kv, i, j, scale, scale * math.log2(math.e),
