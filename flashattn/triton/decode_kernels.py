@@ -33,6 +33,40 @@ from .kernels import DOT_PRECISION, LN2
 
 
 @triton.jit
+def chunk_stage(
+    acc, m, l, q,
+    k_base, v_base, stride_kj, stride_vj,
+    offs_d, offs_dv, last_key,
+    lo, hi, qk_scale,
+    BLOCK_K: tl.constexpr,
+):
+    """The inner loop of the chunk kernel: key tiles ``lo`` to ``hi`` into the online softmax of the stacked rows.
+
+    Keys at or past ``hi`` are never loaded; row ``r`` keeps key ``c`` when
+    ``c <= last_key[r]``.
+    """
+    for start_k in range(lo, hi, BLOCK_K):
+        offs_k = start_k + tl.arange(0, BLOCK_K)
+        in_chunk = offs_k < hi
+        k_ptrs = k_base + offs_k.to(tl.int64)[:, None] * stride_kj + offs_d[None, :]
+        k = tl.load(k_ptrs, mask=in_chunk[:, None], other=0.0)  # (BLOCK_K, D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
+        keep = in_chunk[None, :] & (offs_k[None, :] <= last_key[:, None])
+        s = tl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_shift[:, None])
+        alpha = tl.math.exp2(m - m_shift)
+        l = l * alpha + tl.sum(p, 1)
+        v_ptrs = v_base + offs_k.to(tl.int64)[:, None] * stride_vj + offs_dv[None, :]
+        v = tl.load(v_ptrs, mask=in_chunk[:, None], other=0.0)  # (BLOCK_K, DV)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m = m_new
+    return acc, m, l
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr, k_ptr, v_ptr, lens_ptr, o_part_ptr, lse_part_ptr,
     stride_qb, stride_qh, stride_qi,
@@ -76,24 +110,8 @@ def decode_split_kernel(
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)  # running, unnormalised P V
 
     # -- the online softmax over the chunk's key tiles
-    for start_k in range(lo, hi, BLOCK_K):
-        offs_k = start_k + tl.arange(0, BLOCK_K)
-        in_chunk = offs_k < hi
-        k_ptrs = k_base + offs_k.to(tl.int64)[:, None] * stride_kj + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=in_chunk[:, None], other=0.0)  # (BLOCK_K, D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_K)
-        keep = in_chunk[None, :] & (offs_k[None, :] <= last_key[:, None])
-        s = tl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
-        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_shift[:, None])
-        alpha = tl.math.exp2(m - m_shift)
-        l = l * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + offs_k.to(tl.int64)[:, None] * stride_vj + offs_dv[None, :]
-        v = tl.load(v_ptrs, mask=in_chunk[:, None], other=0.0)  # (BLOCK_K, DV)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m = m_new
+    acc, m, l = chunk_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_d, offs_dv, last_key,
+                            lo, hi, qk_scale, BLOCK_K)
 
     # -- the chunk's normalised output and log-sum-exp (natural units); an empty one gives 0 and -inf
     has_key = l > 0
