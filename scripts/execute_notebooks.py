@@ -69,10 +69,13 @@ def environment() -> dict:
             return None
         return getattr(__import__(name), "__version__", "unknown")
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = os.environ.get("BENCH_GIT_COMMIT")  # a runner's copy of the checkout may have no .git
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            commit = None
     info = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": version("torch"), "triton": version("triton"),
             "emulation": os.environ.get("FLASHATTN_EMULATE_GPU") or None}
