@@ -175,41 +175,39 @@ class MainMemoryTraffic(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("i, j, block_q, block_k", [(37, 53, 8, 16), (53, 37, 16, 8), (32, 32, 8, 8)])
-@pytest.mark.parametrize("causal", [False, True])
-def test_fa1_counts_what_the_forward_moves(i, j, block_q, block_k, causal):
-    """``flash_attention1_io`` counts the elements and the two row statistics (m, l) that ``tiled_forward_fa1`` moves."""
+# distinct byte sizes for elements and statistics, so that one cannot stand in for the other
+E_BYTES, S_BYTES = 3, 5
+
+
+def measured_traffic(forward, i, j, block_q, block_k, causal, seed):
+    """The bytes ``forward`` reads and writes in main memory, as MainMemoryTraffic counts them, and the counter."""
     d, d_v = 6, 5
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed)
     q = torch.randn(1, 1, i, d, generator=gen, dtype=torch.float64)
     k = torch.randn(1, 1, j, d, generator=gen, dtype=torch.float64)
     v = torch.randn(1, 1, j, d_v, generator=gen, dtype=torch.float64)
     with MainMemoryTraffic((q, k, v), i) as traffic:
-        tiled_forward_fa1(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
-    e, s = 3, 5  # distinct byte sizes, so that elements and statistics cannot stand in for each other
+        forward(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
+    e, s = E_BYTES, S_BYTES
     read = e * (traffic.sliced[4] - traffic.copied[4]) + s * (traffic.sliced[3] - traffic.copied[3])
     written = e * (traffic.copied[4] + traffic.allocated[4]) + s * (traffic.copied[3] + traffic.allocated[3])
-    want = flash_attention1_io(i, j, d, d_v=d_v, block_q=block_q, block_k=block_k, causal=causal,
-                               elem_bytes=e, stat_bytes=s)
-    assert (read, written) == (want.read, want.written)
-    assert traffic.allocated[3] == 2 * i  # l and m: two statistics per row
+    return HBMTraffic(read, written), traffic
 
 
+# (forward, its count, how its row statistics reach main memory and how many per row): FA-1 sets up
+# m and l there and updates them; FA-2 writes lse once, at the end
+ALGORITHMS = [
+    (tiled_forward_fa1, flash_attention1_io, "allocated", 2),
+    (tiled_forward_fa2, flash_attention2_io, "copied", 1),
+]
+
+
+@pytest.mark.parametrize("forward, count, stats_kind, stats_per_row", ALGORITHMS, ids=["fa1", "fa2"])
 @pytest.mark.parametrize("i, j, block_q, block_k", [(37, 53, 8, 16), (53, 37, 16, 8), (32, 32, 8, 8)])
 @pytest.mark.parametrize("causal", [False, True])
-def test_fa2_counts_what_the_forward_moves(i, j, block_q, block_k, causal):
-    """``flash_attention2_io`` counts the elements and the one row statistic (lse) that ``tiled_forward_fa2`` moves."""
-    d, d_v = 6, 5
-    gen = torch.Generator().manual_seed(2)
-    q = torch.randn(1, 1, i, d, generator=gen, dtype=torch.float64)
-    k = torch.randn(1, 1, j, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(1, 1, j, d_v, generator=gen, dtype=torch.float64)
-    with MainMemoryTraffic((q, k, v), i) as traffic:
-        tiled_forward_fa2(q, k, v, causal=causal, block_q=block_q, block_k=block_k)
-    e, s = 3, 5  # distinct byte sizes, so that elements and statistics cannot stand in for each other
-    read = e * (traffic.sliced[4] - traffic.copied[4]) + s * (traffic.sliced[3] - traffic.copied[3])
-    written = e * (traffic.copied[4] + traffic.allocated[4]) + s * (traffic.copied[3] + traffic.allocated[3])
-    want = flash_attention2_io(i, j, d, d_v=d_v, block_q=block_q, block_k=block_k, causal=causal,
-                               elem_bytes=e, stat_bytes=s)
-    assert (read, written) == (want.read, want.written)
-    assert traffic.copied[3] == i  # lse: one statistic per row, written once
+def test_counts_are_what_the_forward_moves(forward, count, stats_kind, stats_per_row, i, j, block_q, block_k, causal):
+    """The closed counts (``flash_attention1_io``, ``flash_attention2_io``) against the elements and row statistics the tiled forwards move."""
+    got, traffic = measured_traffic(forward, i, j, block_q, block_k, causal, seed=1)
+    assert got == count(i, j, 6, d_v=5, block_q=block_q, block_k=block_k, causal=causal,
+                        elem_bytes=E_BYTES, stat_bytes=S_BYTES)
+    assert getattr(traffic, stats_kind)[3] == stats_per_row * i
