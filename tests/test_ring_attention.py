@@ -289,6 +289,14 @@ def test_block_pieces_compute_each_visible_pair_once(world, layout, causal):
         assert work == sorted(work) and work[-1] > work[0], work
 
 
+def test_an_unknown_block_kernel_is_named():
+    q = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match=r"kernel must be one of \('cudnn', 'flash', 'triton', 'tiled'\), got 'cuda'"):
+        block_forward(q, q, q, False, 0.3, "cuda")
+    with pytest.raises(ValueError, match="got 'cuda'"):
+        block_backward(q, q, q, q, q, q[..., 0], False, 0.3, "cuda")
+
+
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
 @pytest.mark.parametrize("causal, i, j", [(True, 8, 8), (False, 4, 8)])
 def test_fused_kernel_calls_on_meta_tensors(kernel, causal, i, j):

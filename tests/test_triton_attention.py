@@ -11,6 +11,7 @@ stay within twice that of PyTorch's own attention in the same dtype.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -373,6 +374,59 @@ def test_interpreter_switched_on_after_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-5
+
+
+LONG_ROWS = """
+import json, sys
+import torch
+from flashattn import decode_attention, triton_attention
+from reference import reference_attention
+
+j, d, stride = 2100, 16, 2**20  # row 2100 of k and v starts 2100 * 2**20 > 2**31 elements in
+try:
+    buffer = torch.empty(j * stride, dtype=torch.float16)  # 4.4 GB of address space, a few MB of it touched
+except RuntimeError:
+    print(json.dumps("no address space"))
+    sys.exit(0)
+rows = buffer.view(j, stride)
+gen = torch.Generator().manual_seed(0)
+rows[:, : 2 * d] = torch.randn(j, 2 * d, generator=gen).half()
+k, v = rows[:, :d][None, None], rows[:, d : 2 * d][None, None]  # (1, 1, j, d), row stride 2**20
+q = torch.randn(1, 2, 20, d, generator=gen).half()
+do = torch.randn(1, 2, 20, d, generator=gen).half()
+qs, ks, vs = (t.detach().requires_grad_() for t in (q, k, v))
+o = triton_attention(qs, ks, vs, causal=True)
+o.backward(do)
+q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+ref = reference_attention(q64, k64, v64, causal=True)
+ref.backward(do.double())
+
+def rel(x, r):
+    return ((x.double() - r).abs().max() / r.abs().max()).item()
+
+errors = {"o": rel(o, ref), "dq": rel(qs.grad, q64.grad), "dk": rel(ks.grad, k64.grad), "dv": rel(vs.grad, v64.grad),
+          "decode": rel(decode_attention(q, k, v, num_splits=3), ref)}
+print(json.dumps(errors))
+"""
+
+
+@on_cpu
+def test_row_offsets_past_two_to_the_31():
+    """Keys and values whose rows lie 2**20 elements apart, 2100 of them: the last rows start past 2**31 elements.
+
+    The kernels must take row offsets in 64 bits; in 32 they wrap, and read
+    outside the buffer, which may kill the process: so the kernels run in a
+    subprocess, and the test reads their errors (float16 against float64)
+    from its output.
+    """
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))
+    out = subprocess.run([sys.executable, "-c", LONG_ROWS], capture_output=True, text=True, timeout=300, env=env, cwd=tests)
+    assert out.returncode == 0, (out.returncode, out.stderr[-3000:])
+    errs = json.loads(out.stdout.splitlines()[-1])
+    if errs == "no address space":
+        pytest.skip("4.4 GB of address space is not available here")
+    assert max(errs.values()) < TOLERANCE[torch.float16], errs
 
 
 def test_causal_must_be_a_bool():
