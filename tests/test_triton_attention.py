@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flashattn import FlashAttention, decode_attention, tiled_attention, triton_attention
+from flashattn.decoding import split_kv_attention
 from flashattn.tiled import tiled_forward_fa2
 import flashattn.triton.runtime as runtime_module
 from flashattn.triton.attention import _kernels, _TritonAttention, triton_forward
@@ -263,7 +264,7 @@ def test_the_tables_launches_in_the_interpreter(configs, monkeypatch):
     ]
 
 
-@pytest.mark.parametrize("path", ["flash", "einsum", "tiled", "triton", "decode"])
+@pytest.mark.parametrize("path", ["flash", "einsum", "tiled", "triton", "decode", "split_kv"])
 def test_large_scores_on_every_path(path):
     """q scaled by 100: scores of several hundred, whose exponentials overflow float32 unless each row's maximum is subtracted.
 
@@ -281,6 +282,7 @@ def test_large_scores_on_every_path(path):
         "tiled": lambda: tiled_attention(q, k, v, causal=True, block_q=2, block_k=4),
         "triton": lambda: triton_attention(q, k, v, causal=True),
         "decode": lambda: decode_attention(q, k, v, num_splits=2),  # the queries are the last 5 of 9
+        "split_kv": lambda: split_kv_attention(q, k, v, torch.full((2,), 9), scale=16**-0.5, num_splits=2),
     }[path]
     scores = (q.double() @ k.double().repeat_interleave(2, dim=1).transpose(-1, -2)) * 16**-0.5
     assert scores.abs().max() > 200 and torch.isinf(torch.exp(scores.float())).any()
