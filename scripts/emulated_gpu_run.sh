@@ -11,14 +11,10 @@
 # The GPUs run one after the other, or side by side with PARALLEL=1 (the runner's GPU has the memory
 # of both caps); CHAPTERS (notebook names, space-separated) runs only those chapters.
 #
-# Needs nbclient and ipykernel (installed from .whl/ when missing, as scripts/gpu_notebooks.sh does).
+# Needs nbclient and ipykernel (scripts/runner_env.sh installs them from .whl/ when missing).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-python3}
-if ! "$py" -c "import nbclient, ipykernel" 2>/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/runner_env.sh
 export PYTHONPATH=$PWD/scripts/emulate:$PWD${PYTHONPATH:+:$PYTHONPATH}
 "$py" -c "import matplotlib.pyplot"
 out=${OUT:-benchmarks/results}

@@ -10,12 +10,7 @@
 # Works on a CPU too, but the stored outputs of the book come from a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-py=${PYTHON:-python3}
-
-if ! "$py" -c "import nbclient, nbval, ipykernel" 2>/dev/null; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-    export PATH=/tmp/site/bin:$PATH PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/runner_env.sh
 # The kernels import flashattn from this checkout, installed or not.
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 # Build matplotlib's font cache now, so that its message never lands in a stored output.

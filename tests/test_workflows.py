@@ -185,7 +185,7 @@ def test_exercised_scripts_follow_calls(tmp_path: Path):
 
 
 def test_gpu_notebooks_script_executes_checks_and_packs(tmp_path: Path):
-    for name in ["scripts/gpu_notebooks.sh", "scripts/execute_notebooks.py", "notebooks/nbval_sanitize.cfg",
+    for name in ["scripts/gpu_notebooks.sh", "scripts/runner_env.sh", "scripts/execute_notebooks.py", "notebooks/nbval_sanitize.cfg",
                  "tests/test_notebook_outputs.py", "book/running.md", "_config.yml", "pyproject.toml"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / name, tmp_path / name)
