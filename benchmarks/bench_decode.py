@@ -127,9 +127,9 @@ def tune(args: argparse.Namespace) -> dict:
         q, k, v = (torch.randn(b, hh, n, D, device=DEVICE, dtype=DTYPE) for hh, n in ((H, i), (h_kv, j), (h_kv, j)))
         want = reference(q, k, v)
         for cfg in configs:
-            decoding._CONFIG_16BIT = cfg
+            decoding.use_16bit_config(cfg)
             chosen = decoding.decode_num_splits(q, k, v)
-            resident = max(n for key, n in decoding._resident.items() if key[1] == cfg)
+            resident = max(decoding.measured_residency(cfg))
             for splits in sorted({chosen, max(1, chosen // 2), chosen * 3 // 4, chosen * 3 // 2, chosen * 2,
                                   chosen * 4}):
                 if splits < 1:

@@ -61,7 +61,7 @@ from accuracy import (  # noqa: E402
 )
 from flashattn import triton_attention  # noqa: E402
 from flashattn.triton import hopper  # noqa: E402
-from flashattn.triton.launch import _TABLE, KernelConfigs, TileConfig, table_key  # noqa: E402
+from flashattn.triton.launch import KernelConfigs, TileConfig, launch_table, table_key, use_rows  # noqa: E402
 from plot_triton import backend_name, headline, speed_ratios  # noqa: E402
 from runinfo import attention_kernels, run_info  # noqa: E402
 
@@ -86,9 +86,11 @@ def use_table(path: str | None) -> None:
     with open(path) as f:
         proposal = json.load(f)["proposal"]
     arch = "sm90" if torch.cuda.get_device_capability()[0] >= 9 else "sm80"
+    rows = {}
     for key, row in proposal.items():
         d, length = key.split("/")
-        _TABLE[(arch, int(d), length)] = KernelConfigs(*(TileConfig(*row[k]) for k in ("fwd", "dkdv", "dq")))
+        rows[(arch, int(d), length)] = KernelConfigs(*(TileConfig(*row[k]) for k in ("fwd", "dkdv", "dq")))
+    use_rows(rows)
 
 
 def causal_block_mask(n: int):
@@ -242,7 +244,7 @@ def main() -> None:
                   f"triton flagged above a p99 of {P99_LIMIT}"),
     )
     keys = sorted({table_key(DEVICE, d, n, n) for d, _, n in grid})
-    table = {"/".join(map(str, key)): {kernel: list(vars(getattr(_TABLE[key], kernel)).values())
+    table = {"/".join(map(str, key)): {kernel: list(vars(getattr(launch_table()[key], kernel)).values())
                                        for kernel in ("fwd", "dkdv", "dq")} for key in keys}
 
     hopper_table = {f"{d}/{'causal' if causal else 'no mask'}/{length}": {

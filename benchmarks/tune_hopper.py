@@ -83,10 +83,10 @@ def inputs(b: int, h: int, n: int, d: int, seed: int = 0) -> tuple[torch.Tensor,
 def today(q, k, v, do, causal: bool, scale: float):
     """Today's kernels: o, lse, delta, and the gradients, at the launch table's configs."""
     cfg = pick_configs(DEVICE, q.dtype, q.shape[-1], q.shape[2], k.shape[2])
-    o, lse = pointers._forward(q, k, v, causal, scale, cfg.fwd)
-    delta = pointers._backward_preprocess(o, do)
-    dk, dv = pointers._backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv)
-    dq = pointers._backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq)
+    o, lse = pointers.launch_forward(q, k, v, causal, scale, cfg.fwd)
+    delta = pointers.launch_backward_preprocess(o, do)
+    dk, dv = pointers.launch_backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv)
+    dq = pointers.launch_backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq)
     return cfg, o, lse, delta, dq, dk, dv
 
 
@@ -168,13 +168,13 @@ def main() -> None:
                 rows.append(dict(point, kernel="fwd", path="cudnn", ms=cudnn_fwd))
                 rows.append(dict(point, kernel="bwd", path="cudnn", ms=cudnn_both - cudnn_fwd))
                 rows.append(dict(point, kernel="fwd", path="pointers", config=astuple(cfg.fwd),
-                                 ms=timed(lambda: pointers._forward(q, k, v, causal, scale, cfg.fwd))))
+                                 ms=timed(lambda: pointers.launch_forward(q, k, v, causal, scale, cfg.fwd))))
                 rows.append(dict(point, kernel="preprocess", path="pointers",
-                                 ms=timed(lambda: pointers._backward_preprocess(o, do))))
+                                 ms=timed(lambda: pointers.launch_backward_preprocess(o, do))))
                 rows.append(dict(point, kernel="dkdv", path="pointers", config=astuple(cfg.dkdv), ms=timed(
-                    lambda: pointers._backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv))))
+                    lambda: pointers.launch_backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv))))
                 rows.append(dict(point, kernel="dq", path="pointers", config=astuple(cfg.dq), ms=timed(
-                    lambda: pointers._backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq))))
+                    lambda: pointers.launch_backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq))))
                 for kernel, cfgs in CANDIDATES.items():
                     for launch in cfgs:
                         row = dict(point, kernel=kernel, path="fused" if kernel == "fused" else "tma",

@@ -30,7 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 from triton.testing import do_bench
 
-from flashattn.triton.attention import _backward_dkdv, _backward_dq, _backward_preprocess, _forward
+from flashattn.triton.attention import launch_backward_dkdv, launch_backward_dq, launch_backward_preprocess, launch_forward
 from flashattn.triton.launch import SHORT, TileConfig, pick_configs
 from runinfo import run_info
 
@@ -74,17 +74,17 @@ class Problem:
                                            for _ in range(4))
         self.scale = d**-0.5
         self.table = pick_configs(self.q.device, self.q.dtype, d, n, n)
-        self.o, self.lse = _forward(self.q, self.k, self.v, causal, self.scale, self.table.fwd)
-        self.delta = _backward_preprocess(self.o, self.do)
+        self.o, self.lse = launch_forward(self.q, self.k, self.v, causal, self.scale, self.table.fwd)
+        self.delta = launch_backward_preprocess(self.o, self.do)
 
     def run(self, kernel: str, cfg: TileConfig) -> tuple[torch.Tensor, ...]:
         """The outputs of one kernel: (o, lse), (dk, dv) or (dq,)."""
         args = (self.q, self.k, self.v, self.do, self.lse, self.delta, self.causal, self.scale, cfg)
         if kernel == "fwd":
-            return _forward(self.q, self.k, self.v, self.causal, self.scale, cfg)
+            return launch_forward(self.q, self.k, self.v, self.causal, self.scale, cfg)
         if kernel == "dkdv":
-            return _backward_dkdv(*args)
-        return (_backward_dq(*args),)
+            return launch_backward_dkdv(*args)
+        return (launch_backward_dq(*args),)
 
 
 def candidates(kernel: str, d: int, limit: int | None = None) -> list[tuple[int, int, int, int]]:

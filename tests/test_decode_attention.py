@@ -387,3 +387,18 @@ def test_cuda_lengths_on_another_device_are_named():
     q, k, v = (t.cuda() for t in _inputs())
     with pytest.raises(ValueError, match="cache_lens is on cpu but q is on cuda:0"):
         decode_attention(q, k, v, torch.tensor([1, 2]))
+
+
+def test_use_16bit_config_is_what_decode_config_gives_after():
+    from flashattn.triton import decoding
+
+    before = decoding.decode_config(torch.bfloat16, interpreted=False)
+    candidate = decoding.DecodeConfig(block_k=32, num_warps=2, num_stages=3)
+    try:
+        decoding.use_16bit_config(candidate)
+        assert decoding.decode_config(torch.float16, interpreted=False) == candidate
+        assert decoding.decode_config(torch.float32, interpreted=False) != candidate  # float32 has its own
+        assert decoding.measured_residency(candidate) == []  # nothing compiled with it here
+    finally:
+        decoding.use_16bit_config(before)
+    assert decoding.decode_config(torch.bfloat16, interpreted=False) == before

@@ -16,7 +16,7 @@ import torch
 
 from flashattn import FlashAttention, triton_attention
 from flashattn.triton import hopper
-from flashattn.triton.attention import _backward_preprocess, _TritonAttention
+from flashattn.triton.attention import launch_backward_preprocess, _TritonAttention
 from flashattn.triton.hopper import HopperLaunch, tma_fits
 from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import is_interpreted
@@ -43,7 +43,7 @@ def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
         def backward(ctx, do):
             q, k, v, o, lse = ctx.saved_tensors
             do = do.contiguous()
-            delta = _backward_preprocess(o, do)
+            delta = launch_backward_preprocess(o, do)
             args = (q, k, v, do, lse, delta, ctx.causal, ctx.scale, bwd)
             if fused:
                 dq, dk, dv = hopper.backward_fused(*args)

@@ -220,3 +220,19 @@ def test_chapters_use_public_surfaces_and_no_network(path):
         assert match is None, f"{path.name} imports a private module: {match.group(0)!r}"
         match = private_flashattn.search(source)
         assert match is None, f"{path.name} uses a private name of flashattn: {match.group(0)!r}"
+
+
+def test_use_rows_puts_a_tuning_proposal_into_the_table():
+    key = ("sm80", 64, "any")
+    before = launch.launch_table()[key]
+    proposal = launch.KernelConfigs(*(launch.TileConfig(32, 32, 4, 2) for _ in range(3)))
+    try:
+        launch.use_rows({key: proposal})
+        assert launch.launch_table()[key] == proposal
+        with mock.patch.object(torch.cuda, "get_device_capability", return_value=(8, 0)):
+            assert launch.pick_configs(torch.device("cuda"), torch.bfloat16, 64, 512, 512) == proposal
+    finally:
+        launch.use_rows({key: before})
+    with pytest.raises(TypeError, match=r"the row \('sm80', 64, 'any'\) must be a KernelConfigs"):
+        launch.use_rows({key: (32, 32, 4, 2)})
+    assert launch.launch_table()[key] == before

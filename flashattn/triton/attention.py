@@ -46,7 +46,7 @@ def _run(name: str, grid: tuple[int, int, int], *args: object, **kwargs: object)
     launch(getattr(_kernels(), name), grid, *args, **kwargs)
 
 
-def _forward(
+def launch_forward(
     q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: TileConfig | HopperLaunch
 ) -> tuple[Tensor, Tensor]:
     """Run the forward kernel: returns ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32."""
@@ -67,7 +67,7 @@ def _forward(
     return o, lse
 
 
-def _backward_preprocess(o: Tensor, do: Tensor) -> Tensor:
+def launch_backward_preprocess(o: Tensor, do: Tensor) -> Tensor:
     """The backward's first pass: ``delta = rowsum(dO * O)`` (b, h, i) float32."""
     b, h, i, d_v = o.shape
     delta = o.new_empty(b, h, i, dtype=torch.float32)
@@ -77,7 +77,7 @@ def _backward_preprocess(o: Tensor, do: Tensor) -> Tensor:
     return delta
 
 
-def _backward_dkdv(
+def launch_backward_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
     cfg: TileConfig | HopperLaunch,
 ) -> tuple[Tensor, Tensor]:
@@ -97,7 +97,7 @@ def _backward_dkdv(
     return dk, dv
 
 
-def _backward_dq(
+def launch_backward_dq(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
     cfg: TileConfig | HopperLaunch,
 ) -> Tensor:
@@ -117,7 +117,7 @@ def _backward_dq(
     return dq
 
 
-def _backward(
+def launch_backward(
     do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
     causal: bool, scale: float, configs: KernelConfigs,
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -125,9 +125,9 @@ def _backward(
     tma = isinstance(configs.dkdv, HopperLaunch) or isinstance(configs.dq, HopperLaunch)
     if do.stride(-1) != 1 or (tma and not hopper.tma_fits(do)):
         do = do.contiguous()  # a fresh tensor: rows and base aligned as TMA needs
-    delta = _backward_preprocess(o, do)
-    dk, dv = _backward_dkdv(q, k, v, do, lse, delta, causal, scale, configs.dkdv)
-    dq = _backward_dq(q, k, v, do, lse, delta, causal, scale, configs.dq)
+    delta = launch_backward_preprocess(o, do)
+    dk, dv = launch_backward_dkdv(q, k, v, do, lse, delta, causal, scale, configs.dkdv)
+    dq = launch_backward_dq(q, k, v, do, lse, delta, causal, scale, configs.dq)
     return dq, dk, dv
 
 
@@ -145,7 +145,7 @@ class _TritonAttention(torch.autograd.Function):
     def forward(
         ctx: FunctionCtx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, configs: KernelConfigs
     ) -> Tensor:
-        o, lse = _forward(q, k, v, causal, scale, configs.fwd)
+        o, lse = launch_forward(q, k, v, causal, scale, configs.fwd)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale, ctx.configs = causal, scale, configs
         return o
@@ -154,7 +154,7 @@ class _TritonAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, do: Tensor) -> tuple[Tensor | None, ...]:
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.configs)
+        dq, dk, dv = launch_backward(do, q, k, v, o, lse, ctx.causal, ctx.scale, ctx.configs)
         return dq, dk, dv, None, None, None
 
 
@@ -213,7 +213,7 @@ def triton_forward(
     if x.is_empty:  # nothing to compute: no kernel is launched on an empty grid
         return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
     inputs = kernel_inputs(q, x, causal)
-    o, lse = _forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
+    o, lse = launch_forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
     return o[..., : inputs.d_v].to(inputs.dtype), lse
 
 
@@ -236,7 +236,7 @@ def triton_backward(
     inputs = kernel_inputs(q, x, causal)
     d, d_v = q.shape[-1], x.v.shape[-1]
     do, o = (fit_head_dim(t.to(inputs.q.dtype), inputs.v.shape[-1]) for t in (do, o))
-    dq, dk, dv = _backward(do, inputs.q, inputs.k, inputs.v, o, lse.float().contiguous(), causal, inputs.scale,
+    dq, dk, dv = launch_backward(do, inputs.q, inputs.k, inputs.v, o, lse.float().contiguous(), causal, inputs.scale,
                            inputs.configs)
     dq = -dq if inputs.negated else dq
     return dq[..., :d].to(q.dtype), dk[..., :d].reshape(k.shape).to(k.dtype), dv[..., :d_v].reshape(v.shape).to(v.dtype)

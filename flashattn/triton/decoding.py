@@ -50,6 +50,17 @@ def decode_config(dtype: torch.dtype, interpreted: bool) -> DecodeConfig:
     return _CONFIG_FLOAT32 if dtype == torch.float32 else _CONFIG_16BIT
 
 
+def use_16bit_config(cfg: DecodeConfig) -> None:
+    """Launch the chunk kernel with ``cfg`` for 16-bit inputs from now on: a tuning run times its candidates so."""
+    global _CONFIG_16BIT
+    _CONFIG_16BIT = cfg
+
+
+def measured_residency(cfg: DecodeConfig) -> list[int]:
+    """The programs per SM measured so far for the compiled variants of the chunk kernel launched with ``cfg``."""
+    return [n for key, n in _resident.items() if key[1] == cfg]
+
+
 def row_block(g: int, i: int) -> int:
     """Rows per program: the ``g * i`` stacked query rows rounded up to a power of two, from 16 to MAX_ROWS."""
     return min(MAX_ROWS, max(16, 1 << (g * i - 1).bit_length()))

@@ -158,7 +158,7 @@ def _launch_tma(name: str, grid: tuple[int, int, int], cfg: HopperLaunch, *args:
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: HopperLaunch) -> tuple[Tensor, Tensor]:
-    """The forward on Hopper: ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32, as ``attention._forward``."""
+    """The forward on Hopper: ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32, as ``attention.launch_forward``."""
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
@@ -175,7 +175,7 @@ def backward_dkdv(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
     cfg: HopperLaunch,
 ) -> tuple[Tensor, Tensor]:
-    """The dK/dV pass on Hopper, as ``attention._backward_dkdv``."""
+    """The dK/dV pass on Hopper, as ``attention.launch_backward_dkdv``."""
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
@@ -191,7 +191,7 @@ def backward_dq(
     q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
     cfg: HopperLaunch,
 ) -> Tensor:
-    """The dQ pass on Hopper, as ``attention._backward_dq``."""
+    """The dQ pass on Hopper, as ``attention.launch_backward_dq``."""
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dq = q.new_empty(q.shape)

@@ -94,6 +94,14 @@ def launch_table() -> dict[tuple[str, int, str], KernelConfigs]:
     return dict(_TABLE)
 
 
+def use_rows(rows: dict[tuple[str, int, str], KernelConfigs]) -> None:
+    """Put ``rows`` into the table for 16-bit inputs from now on: a tuning run times its proposal so."""
+    for key, configs in rows.items():
+        if not isinstance(configs, KernelConfigs):
+            raise TypeError(f"the row {key} must be a KernelConfigs, got {type(configs).__name__}")
+    _TABLE.update(rows)
+
+
 def float32_table() -> dict[int, KernelConfigs]:
     """The launches for float32 inputs, keyed by padded head dimension (the same on every GPU), as a new dict."""
     return dict(_FLOAT32)
