@@ -144,7 +144,8 @@ def attn_fwd_kernel(
     l = tl.where(l == 0.0, 1.0, l)
     o = acc / l[:, None]
     lse = (m + tl.math.log2(l)) * LN2
-    tl.store(tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv), o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
+    o_ptrs = tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv)
+    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
     lse_rows = lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q
     tl.store(lse_rows, lse, mask=offs_q < i)
 
