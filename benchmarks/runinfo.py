@@ -72,8 +72,14 @@ def attention_kernels(fn: Callable[[], object]) -> list[str]:
 
 
 def run_info(**sizes: object) -> dict:
-    """Everything a result needs to be reproduced, with ``sizes`` (the problem sizes) under "sizes"."""
-    import triton
+    """Everything a result needs to be reproduced, with ``sizes`` (the problem sizes) under "sizes".
+
+    Works without triton (then "triton" is None), as in a reader's environment that lacks it.
+    """
+    try:
+        import triton
+    except ImportError:
+        triton = None
 
     info: dict = dict(
         git=git_state(),
@@ -81,7 +87,7 @@ def run_info(**sizes: object) -> dict:
         command=" ".join([Path(sys.executable).name, *sys.argv]),
         python=platform.python_version(),
         torch=torch.__version__,
-        triton=triton.__version__,
+        triton=triton.__version__ if triton else None,
         cuda=torch.version.cuda,
         cudnn=torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         host=platform.node(),

@@ -18,12 +18,8 @@ the others still run, and the command exits with status 1.
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -63,30 +59,11 @@ def failed_cell(nb: nbformat.NotebookNode) -> dict | None:
 
 
 def environment() -> dict:
-    """The commit, machine and versions of this run."""
-    def version(name: str) -> str | None:
-        if importlib.util.find_spec(name) is None:
-            return None
-        return getattr(__import__(name), "__version__", "unknown")
+    """The commit, machine and versions of this run (benchmarks/runinfo.py's record), and the GPU emulated, if any."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from runinfo import run_info
 
-    commit = os.environ.get("BENCH_GIT_COMMIT")  # a runner's copy of the checkout may have no .git
-    if not commit:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                    check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            commit = None
-    info = {"commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "python": platform.python_version(), "torch": version("torch"), "triton": version("triton"),
-            "emulation": os.environ.get("FLASHATTN_EMULATE_GPU") or None}
-    import torch
-
-    if torch.cuda.is_available():
-        info["device"] = torch.cuda.get_device_name()
-        info["capability"] = list(torch.cuda.get_device_capability())
-    else:
-        info["device"] = "cpu"
-    return info
+    return {**run_info(), "emulation": os.environ.get("FLASHATTN_EMULATE_GPU") or None}
 
 
 def main() -> int:
