@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import random
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -187,3 +188,27 @@ def committed_result(name: str) -> dict:
         names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".json"))
         raise ValueError(f"no committed result {name!r}; flashattn/results holds {', '.join(names)}")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def saved_bytes(fn: Callable[[], object], exclude: tuple[Tensor, ...] = ()) -> int:
+    """The bytes that autograd keeps for the backward pass while ``fn()`` runs, each storage counted once.
+
+    Every tensor autograd saves passes through a pack hook of
+    ``torch.autograd.graph.saved_tensors_hooks``; a storage saved twice (the
+    probabilities, kept by the softmax and by the product with V) counts
+    once. Storages of the tensors in ``exclude`` (the inputs, say) are left
+    out. Chapter 03 derives this count; other chapters call it from here.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    kept: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            kept[storage.data_ptr()] = storage.nbytes()
+        return t  # holding t keeps its storage alive, so no address is reused while counting
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+        del out
+    return sum(kept.values())

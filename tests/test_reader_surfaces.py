@@ -236,3 +236,22 @@ def test_use_rows_puts_a_tuning_proposal_into_the_table():
     with pytest.raises(TypeError, match=r"the row \('sm80', 64, 'any'\) must be a KernelConfigs"):
         launch.use_rows({key: (32, 32, 4, 2)})
     assert launch.launch_table()[key] == before
+
+
+def test_saved_bytes_counts_what_autograd_keeps_each_storage_once():
+    from flashattn import FlashAttention, tiled_attention
+    from flashattn.book import saved_bytes
+
+    g = torch.Generator().manual_seed(3)
+    b, h, n, d = 1, 2, 48, 16  # 48: no multiple of the tiles below
+    q, k, v = (torch.randn(b, h, n, d, generator=g).requires_grad_() for _ in range(3))
+    einsum = FlashAttention(flash=False)
+    # the einsum path keeps Q, K, V and P (P saved twice, by the softmax and by P V: counted once)
+    assert saved_bytes(lambda: einsum(q, k, v)) == 4 * b * h * (3 * n * d + n * n)
+    assert saved_bytes(lambda: einsum(q, k, v), exclude=(q, k, v)) == 4 * b * h * n * n
+    # the tiled path keeps Q, K, V, O and lse, however many tiles it ran
+    tiled = saved_bytes(lambda: tiled_attention(q, k, v, block_q=32, block_k=32))
+    assert tiled == 4 * b * h * (4 * n * d + n)
+    # nothing is kept without autograd
+    with torch.no_grad():
+        assert saved_bytes(lambda: einsum(q, k, v)) == 0
