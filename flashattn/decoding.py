@@ -88,9 +88,11 @@ def _check_cache_lens(cache_lens: Tensor | None, b: int, j: int, device: torch.d
         raise ValueError(f"cache_lens must have shape (b,) = ({b},), one length per sequence, got {tuple(cache_lens.shape)}")
     if cache_lens.device != device:
         raise ValueError(f"cache_lens is on {cache_lens.device} but q is on {device}")
-    # one wait for the GPU when the lengths live there; a captured CUDA graph cannot wait, and
-    # there the kernel clamps each length to [0, j] instead
-    check_lengths_in_range("cache_lens", cache_lens, j, "k_cache.shape[2]")
+    # On the CPU the range is checked here. On a GPU, reading the lengths would make the host wait
+    # for every queued kernel, once per decoded token: there the check runs on the GPU
+    # (:func:`_decode`), and a sequence whose length is out of range gets NaN.
+    if not cache_lens.is_cuda:
+        check_lengths_in_range("cache_lens", cache_lens, j, "k_cache.shape[2]")
     return cache_lens
 
 
@@ -122,9 +124,13 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, 
         return triton_decode(q, k, v, lens, scale, num_splits)
     work = torch.promote_types(q.dtype, torch.float32)
     j = k.shape[2]
-    lens = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens
+    given = lens
+    lens = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens.clamp(0, j)
     splits = num_splits if num_splits is not None else max(1, math.ceil(j / CPU_CHUNK))
     o = split_kv_attention(q.to(work), k.to(work), v.to(work), lens, scale=scale, num_splits=splits)
+    if given is not None and given.is_cuda:  # the range check on the GPU, as the kernels make it
+        out_of_range = (given < 0) | (given > j)  # (b,)
+        o = o.masked_fill(out_of_range[:, None, None, None], math.nan)
     return o.to(q.dtype)
 
 
@@ -165,10 +171,13 @@ def decode_attention(
     ``cache_lens``: None (all ``j`` slots hold the sequence) or an integer
     tensor ``(b,)`` on ``q``'s device with ``0 <= cache_lens[n] <= j``.
     Slots at or past ``cache_lens[n]`` are not part of sequence ``n``: they
-    may hold anything, NaN included, and do not change the result. Checking
-    the range reads the lengths on the host, one wait for the GPU; inside a
-    CUDA graph capture the check is skipped and each length is clamped to
-    ``[0, j]``.
+    may hold anything, NaN included, and do not change the result. A length
+    outside ``[0, j]`` raises ``ValueError`` when the lengths are on the CPU;
+    on a GPU the call never waits for the GPU to read them (a decoding loop
+    keeps queueing work ahead), so the range is checked on the GPU instead:
+    every output of a sequence whose length is out of range is NaN. Callers
+    that want an exception there check the lengths themselves, at the cost of
+    one wait.
 
     Query ``r`` of sequence ``n`` attends key ``c`` when
     ``c <= cache_lens[n] - i + r`` (causal, aligned to the end of the valid

@@ -192,20 +192,31 @@ def test_strided_caches(dtype):
 
 @pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_kernel_clamps_lengths_to_the_cache(num_splits):
-    """The chunk kernel clamps each length to [0, j], as it must inside a CUDA graph capture, where the host does not check.
+def test_kernel_reports_lengths_out_of_range_as_nan_and_reads_nothing_past_the_cache(num_splits):
+    """The range check of the lengths on the GPU: a sequence whose length is outside [0, j] gets NaN, the others are exact.
 
-    ``triton_decode`` takes the lengths as ``decode_attention`` hands them on
-    during a capture, unchecked. The caches are the first j slots of a longer
-    buffer whose later slots hold NaN: a length past j that were not clamped
-    would read them.
+    On a GPU ``decode_attention`` hands the lengths to ``triton_decode``
+    unread (reading them would make the host wait). The caches are the first j
+    slots of a longer buffer whose later slots hold NaN and infinities, so a
+    load past j would spoil the sequences whose lengths are in range too.
     """
-    b, h, h_kv, i, j, d = 3, 4, 2, 2, 50, 16
+    b, h, h_kv, i, j, d = 4, 4, 2, 2, 50, 16
     q, k_long, v_long = make_cache(b, h, h_kv, i, j + 40, d, d, torch.full((b,), j), seed=16)
     k, v = k_long[:, :, :j], v_long[:, :, :j]
-    lens = torch.tensor([j + 30, -5, 17])
+    lens = torch.tensor([j + 30, 17, -5, j])
     o = triton_decode(q, k, v, lens, d**-0.5, num_splits)
-    assert rel_error(o, reference_decode(q, k, v, lens.clamp(0, j))) < TOLERANCE[torch.float32]
+    bad = (lens < 0) | (lens > j)
+    assert o[bad].isnan().all()  # every output of the two sequences out of range
+    good = ~bad
+    assert rel_error(o[good], reference_decode(q[good], k[good], v[good], lens[good])) < TOLERANCE[torch.float32]
+
+
+def test_lengths_out_of_range_on_the_cpu_raise_with_the_range_and_the_values():
+    gen = torch.Generator().manual_seed(17)
+    q, k = torch.randn(2, 2, 1, 16, generator=gen), torch.randn(2, 2, 8, 16, generator=gen)
+    with pytest.raises(ValueError, match=r"cache_lens must lie in \[0, j\] = \[0, 8\] \(j = k_cache.shape\[2\]\), "
+                                         r"got values from 3 to 9"):
+        decode_attention(q, k, k, torch.tensor([3, 9]))
 
 
 def test_empty_problems():
@@ -380,6 +391,46 @@ def test_cuda_graph_capture_replays_new_lengths():
         graph.replay()
         want = reference_decode(q.cpu(), k.cpu(), v.cpu(), torch.tensor(new))
         assert rel_error(o, want) < TOLERANCE[torch.bfloat16], new
+
+
+def _busy_gpu(ms: float = 200.0) -> torch.cuda.Event:
+    """Queue about ``ms`` of matrix products on the GPU; return an event that completes after them."""
+    a = torch.randn(4096, 4096, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    torch.mm(a, a)
+    end.record()
+    torch.cuda.synchronize()
+    for _ in range(max(1, round(ms / start.elapsed_time(end)))):
+        torch.mm(a, a)
+    marker = torch.cuda.Event()
+    marker.record()
+    return marker
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])  # the kernels, and the PyTorch path
+def test_cuda_decoding_step_returns_while_queued_work_runs(dtype):
+    """A decoding step with ``cache_lens`` never makes the host wait for the GPU: the work queued before it is still running when it returns."""
+    lens = torch.tensor([1000, 37], device="cuda")
+    q, k, v = make_cache(2, 8, 2, 1, 1000, 64, 64, torch.tensor([1000, 1000]), dtype=dtype, seed=18, device="cuda")
+    decode_attention(q, k, v, lens)  # compiled and measured outside the timed call
+    torch.cuda.synchronize()
+    marker = _busy_gpu()
+    o = decode_attention(q, k, v, lens)
+    assert not marker.query(), "decode_attention waited for the GPU work queued before it"
+    assert rel_error(o, reference_decode(q.cpu(), k.cpu(), v.cpu(), lens.cpu())) < TOLERANCE[dtype]
+
+
+@on_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_cuda_lengths_out_of_range_give_nan_for_their_sequence(dtype):
+    j = 300
+    lens = torch.tensor([j + 1, 120, -1])
+    q, k, v = make_cache(3, 4, 2, 1, j, 32, 32, torch.full((3,), j), dtype=dtype, seed=19, device="cuda")
+    o = decode_attention(q, k, v, lens.cuda())
+    assert o[0].isnan().all() and o[2].isnan().all()
+    assert rel_error(o[1:2], reference_decode(q[1:2].cpu(), k[1:2].cpu(), v[1:2].cpu(), lens[1:2])) < TOLERANCE[dtype]
 
 
 @on_cuda

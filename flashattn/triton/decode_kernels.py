@@ -23,7 +23,9 @@ inputs' dtype, and the merge is skipped. ``D`` and ``DV`` are powers of two from
 
 The rule: query ``r`` of sequence ``n`` sees key ``c`` when
 ``c <= lens[n] - i + r``; keys at or past ``lens[n]`` are never loaded, so
-whatever the cache holds there (NaN included) cannot reach the result.
+whatever the cache holds there (NaN included) cannot reach the result. A
+length outside ``[0, j]`` is an error that the kernel reports without making
+the host wait: every output row of that sequence is NaN.
 """
 
 import triton
@@ -87,9 +89,13 @@ def decode_split_kernel(
     head = kv_head * g + rows // i  # (BLOCK_M,) the query head of each row
     r = rows % i  # (BLOCK_M,) its query index
     if HAS_LENS:
-        # clamped, so that no length can send a load out of the cache
-        length = tl.minimum(tl.maximum(tl.load(lens_ptr + batch).to(tl.int32), 0), j)
+        # the range check runs here, not on the host (which would wait for the GPU): a length outside
+        # [0, j] makes its sequence's output NaN, and is clamped so that no load leaves the cache
+        given = tl.load(lens_ptr + batch).to(tl.int64)
+        out_of_range = (given < 0) | (given > j)
+        length = tl.minimum(tl.maximum(given, 0), j).to(tl.int32)
     else:
+        out_of_range = False
         length = j
 
     # -- the chunk: the valid keys cut into num_splits runs of whole key tiles
@@ -117,6 +123,8 @@ def decode_split_kernel(
     has_key = l > 0
     o = acc / tl.where(has_key, l, 1.0)[:, None]
     lse = tl.where(has_key, (m + tl.math.log2(tl.where(has_key, l, 1.0))) * LN2, float("-inf"))
+    o = tl.where(out_of_range, float("nan"), o)  # NaN partial results merge to NaN
+    lse = tl.where(out_of_range, float("nan"), lse)
     part_row = (batch * h + head) * i + r  # (BLOCK_M,) the row of (b, h, i)
     tl.store(lse_part_ptr + part_row * num_splits + split, lse, mask=row_ok)
     o_ptrs = o_part_ptr + (part_row * num_splits + split)[:, None] * DV + offs_dv[None, :]
