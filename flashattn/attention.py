@@ -85,12 +85,16 @@ class _ZeroRowsWithoutKey(torch.autograd.Function):
     def forward(ctx, o: Tensor, row_has_key: Tensor, zero_rows_) -> Tensor:  # row_has_key: (b or 1, h or 1, i or 1)
         zero_rows_(o.data, row_has_key)
         ctx.save_for_backward(row_has_key)
+        ctx.o_stride = o.stride()
         return o
 
     @staticmethod
     def backward(ctx, do: Tensor) -> tuple[Tensor, None, None]:
         (row_has_key,) = ctx.saved_tensors
-        return do.masked_fill(~row_has_key[..., None], 0.0), None, None
+        # written in the memory layout of o, the one SDPA's backward reads dO in: a dO of another
+        # layout would be copied once more there, one more buffer of O's size
+        do_kept = torch.empty_strided(do.shape, ctx.o_stride, dtype=do.dtype, device=do.device)
+        return torch.where(row_has_key[..., None], do, do.new_zeros(()), out=do_kept), None, None
 
 
 def zero_rows_without_key(o: Tensor, row_has_key: Tensor) -> Tensor:

@@ -58,6 +58,27 @@ def test_gradients_through_the_in_place_zeroing():
     assert (grads[0][0, :, 2] == 0).all() and (grads[0][1, :, 6] == 0).all()
 
 
+def test_the_gradient_passed_on_has_the_layout_of_o():
+    """The zeroed gradient is laid out as ``o`` is, whatever the incoming one: SDPA's backward then reads it as it is.
+
+    cuDNN's kernels return ``o`` in a (b, i, h, d) layout; a gradient in
+    another layout would be copied again inside SDPA's backward.
+    """
+    base = randn(2, 7, 3, 16, seed=8).requires_grad_()  # (b, i, h, d) in memory
+    o = base.transpose(1, 2) * 1.0  # (b, h, i, d), strides of the (b, i, h, d) layout
+    assert not o.is_contiguous()
+    row_has_key = torch.ones(2, 1, 7, dtype=torch.bool, device=DEVICE)
+    row_has_key[1, 0, 4] = False
+    seen = []
+    o.register_hook(lambda g: seen.append(g))
+    out = _ZeroRowsWithoutKey.apply(o, row_has_key, zero_rows_without_key_)
+    do = randn(2, 3, 7, 16, seed=9)  # contiguous (b, h, i, d)
+    out.backward(do)
+    (grad,) = seen
+    assert grad.stride() == o.stride()
+    assert torch.equal(grad, do.masked_fill(~row_has_key[..., None], 0.0))
+
+
 def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
     """FlashAttention's flash path with the kernel doing the zeroing, as on a GPU: values and gradients of attention.
 
