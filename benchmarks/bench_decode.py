@@ -18,9 +18,10 @@ run and timed the same way:
   mask for the causal rule when i > 1.
 
 Decoding runs one small step at a time, and serving systems replay it from
-CUDA graphs; every provider is timed so (``triton.testing.do_bench_cudagraph``,
-median), which removes the host's launch cost from all of them alike. The
-eager time of ``decode`` and ``sdpa_gqa`` (``do_bench``) is recorded too.
+CUDA graphs; every provider is timed so (``triton.testing.do_bench_cudagraph``
+through the harness of ``timing.py``: providers interleaved, several rounds,
+median and spread), which removes the host's launch cost from all of them
+alike. The eager time of ``decode`` and ``sdpa_gqa`` is recorded too.
 Effective bandwidth = bytes of K and V read once (``2 b h_kv j d`` bf16
 numbers) / time, set against the copy bandwidth measured in the same run
 (read + write bytes of a 4 GiB ``copy_``, per second).
@@ -37,6 +38,7 @@ most twice SDPA's own.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 from typing import Callable
@@ -46,12 +48,13 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench
 
 import flashattn.triton.decoding as decoding
 from flashattn import decode_attention, triton_attention
 from accuracy import plain_attention
 from runinfo import run_info
+from timing import ROUNDS, compare
 
 DEVICE = torch.device("cuda")
 DTYPE = torch.bfloat16
@@ -114,12 +117,12 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return plain_attention(*(t[:1].double() for t in (q, k, v)), causal=True)
 
 
-def time_graph(fn: Callable, rep: int) -> float:
-    return do_bench_cudagraph(fn, rep=rep, return_mode="median")
-
-
 def tune(args: argparse.Namespace) -> dict:
-    """Launches of the chunk kernel, and numbers of chunks around the chosen one, on a few decoding shapes."""
+    """Launches of the chunk kernel, and numbers of chunks around the chosen one, on a few decoding shapes.
+
+    The numbers of chunks of one shape and launch are timed against each
+    other through the harness (interleaved, ``--rounds`` samples each).
+    """
     shapes = [(1, 8, 1, 32768), (1, 8, 1, 131072), (8, 8, 4, 16384), (32, 8, 1, 16384), (32, 32, 1, 4096)]
     configs = [decoding.DecodeConfig(*c) for c in ((64, 4, 2), (64, 4, 3), (64, 2, 2), (128, 4, 2), (32, 2, 3))]
     results = []
@@ -130,18 +133,21 @@ def tune(args: argparse.Namespace) -> dict:
             decoding.use_16bit_config(cfg)
             chosen = decoding.decode_num_splits(q, k, v)
             resident = max(decoding.measured_residency(cfg))
-            for splits in sorted({chosen, max(1, chosen // 2), chosen * 3 // 4, chosen * 3 // 2, chosen * 2,
-                                  chosen * 4}):
-                if splits < 1:
-                    continue
-                error = (decode_attention(q, k, v, num_splits=splits)[:1].double() - want).abs().max().item()
-                ms = time_graph(lambda: decode_attention(q, k, v, num_splits=splits), args.rep)
+            candidates = sorted({max(1, s) for s in (chosen, chosen // 2, chosen * 3 // 4, chosen * 3 // 2,
+                                                     chosen * 2, chosen * 4)})
+            calls = {splits: functools.partial(decode_attention, q, k, v, num_splits=splits) for splits in candidates}
+            errors = {splits: (fn()[:1].double() - want).abs().max().item() for splits, fn in calls.items()}
+            timings = compare(calls, rounds=args.rounds, graph=True, rep_ms=args.rep)
+            for splits, timing in timings.items():
+                ms = timing.median
                 bandwidth = 2 * b * h_kv * j * D * 2 / (ms * 1e-3)
                 results.append(dict(b=b, h_kv=h_kv, i=i, j=j, config=vars(cfg), resident=resident, chosen=chosen,
-                                    num_splits=splits, ms=ms, tb_per_s=bandwidth / 1e12, max_error=error))
+                                    num_splits=splits, **timing.record(), tb_per_s=bandwidth / 1e12,
+                                    max_error=errors[splits]))
                 print(f"b={b:2d} h_kv={h_kv:2d} i={i} j={j:6d} {tuple(vars(cfg).values())} resident {resident} "
                       f"splits {splits:3d}{'*' if splits == chosen else ' '} {ms * 1e3:8.1f} us "
-                      f"{bandwidth / 1e12:5.2f} TB/s err {error:.1e}", flush=True)
+                      f"[{timing.low * 1e3:.1f}-{timing.high * 1e3:.1f}] {bandwidth / 1e12:5.2f} TB/s "
+                      f"err {errors[splits]:.1e}", flush=True)
     return dict(results=results)
 
 
@@ -150,7 +156,8 @@ def main() -> None:
     parser.add_argument("--out", help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a few points, without flex")
     parser.add_argument("--tune", action="store_true", help="sweep the chunk kernel's launch instead")
-    parser.add_argument("--rep", type=int, default=100, help="milliseconds of timing per measurement")
+    parser.add_argument("--rep", type=int, default=50, help="milliseconds of timing per sample")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every provider, interleaved")
     parser.add_argument("--max-kv-gib", type=float, default=64, help="skip shapes whose K and V take more")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -158,7 +165,9 @@ def main() -> None:
     print(f"copy bandwidth {copy / 1e12:.2f} TB/s (read + write)", flush=True)
     meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep)
     meta.update(copy_tb_per_s=copy / 1e12,
-                timing="triton.testing.do_bench_cudagraph, median (eager: do_bench, median)",
+                timing=(f"benchmarks/timing.py: {args.rounds} rounds, providers interleaved; each sample "
+                        f"do_bench_cudagraph's median over {args.rep} ms (eager: do_bench's); ms is the median "
+                        "of the samples, ms_min/ms_max/ms_q1/ms_q3 their spread"),
                 bandwidth="bytes of K and V (2 b h_kv j d bf16) / time")
     if args.tune:
         out = dict(**meta, **tune(args))
@@ -199,7 +208,7 @@ def main() -> None:
         k, v = cache
         q = torch.randn(b, H, i, D, device=DEVICE, dtype=DTYPE)
         want = reference(q, k, v)
-        errors, times = {}, {}
+        errors, calls = {}, {}
         for provider in providers:
             fn = attention(provider, i, j, h_kv)
             if fn is None:
@@ -211,11 +220,18 @@ def main() -> None:
                 skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, why=str(exc).splitlines()[0][:300]))
                 continue
             errors[provider] = (o[:1].double() - want).abs().max().item()
-            times[provider] = time_graph(lambda: fn(q, k, v), args.rep)
-            row = dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, ms=times[provider], max_error=errors[provider],
-                       tb_per_s=kv_bytes / (times[provider] * 1e-3) / 1e12)
-            if provider in ("decode", "sdpa_gqa"):
-                row["eager_ms"] = do_bench(lambda: fn(q, k, v), rep=args.rep, return_mode="median")
+            calls[provider] = functools.partial(fn, q, k, v)
+        # every provider replayed from a CUDA graph, interleaved over several rounds; the eager calls likewise
+        graphed = compare(calls, rounds=args.rounds, graph=True, rep_ms=args.rep)
+        eager = compare({p: calls[p] for p in ("decode", "sdpa_gqa") if p in calls}, rounds=args.rounds,
+                        rep_ms=args.rep)
+        times = {provider: timing.median for provider, timing in graphed.items()}
+        for provider, timing in graphed.items():
+            row = dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, **timing.record(), max_error=errors[provider],
+                       tb_per_s=kv_bytes / (timing.median * 1e-3) / 1e12)
+            if provider in eager:
+                row["eager"] = eager[provider].record()
+                row["eager_ms"] = eager[provider].median
             rows.append(row)
         sdpa_error = min(e for p, e in errors.items() if p.startswith("sdpa"))
         if errors["decode"] > 2 * sdpa_error:

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
-from triton.testing import do_bench, do_bench_cudagraph
 
 from accuracy import P99_LIMIT, chunked_reference, format_report, over_limit, part, run_with_grads, ulp_report
 from flashattn import FlashAttention, alibi_bias, padding_mask
 from runinfo import attention_kernels, run_info
+from timing import ROUNDS, compare
 
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048  # per batch, as the anchors in the GPU runner's README
@@ -119,18 +119,6 @@ def with_backward(fn: Callable[[], Tensor], grad: Tensor) -> Callable[[], None]:
     def step():
         fn().backward(grad)
     return step
-
-
-def median_ms(fn: Callable, rounds: int) -> float:
-    return statistics.median(do_bench(fn, return_mode="median") for _ in range(rounds))
-
-
-def graph_ms(fn: Callable, rounds: int) -> tuple[float | None, str | None]:
-    """GPU time of ``fn`` replayed as a CUDA graph (median of ``rounds``), or None and why the capture failed."""
-    try:
-        return statistics.median(do_bench_cudagraph(fn, return_mode="median") for _ in range(rounds)), None
-    except Exception as error:  # recorded: one provider that cannot be captured should not end the run
-        return None, f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
 
 
 def peak_mib(fn: Callable) -> float:
@@ -266,7 +254,7 @@ def main() -> None:
     dims = args.d or (QUICK["d"] if args.quick else (64, 128))
     decode_i = QUICK["decode_i"] if args.quick else DECODE_I
     decode_j = QUICK["decode_j"] if args.quick else DECODE_J
-    rounds = QUICK["rounds"] if args.quick else 3
+    rounds = QUICK["rounds"] if args.quick else ROUNDS
     providers = [p for p in PROVIDERS if not (args.no_einsum and p == "einsum")]
     torch.manual_seed(0)
 
@@ -276,7 +264,8 @@ def main() -> None:
                    decode_i=list(decode_i), decode_j=list(decode_j), quick=args.quick, cases=args.cases),
         dtype="bfloat16",
         flops="4*pairs*d forward, 3.5x for forward+backward; pairs = attended (query, key) pairs",
-        timing=f"triton.testing.do_bench median, median of {rounds} round(s); graph: do_bench_cudagraph, likewise",
+        timing=(f"benchmarks/timing.py: {rounds} round(s), providers interleaved, each sample do_bench's median; "
+                "*_ms the median of the samples, *_ms_spread their range; graph: do_bench_cudagraph, likewise"),
         direct="F.scaled_dot_product_attention with SDPA's own choice of kernel (sdpa_default)",
         accuracy=("error in ulps of bf16 against the float64 einsum path rounded to bf16, per element at "
                   "max(|ref|, row RMS, tensor RMS / 16) (benchmarks/accuracy.py): max, p99, mean; "
@@ -308,9 +297,16 @@ def main() -> None:
                 flops = 4 * p.pairs * d * (3.5 if mode == "fwd_bwd" else 1.0)
                 row = dict(case=p.name, d=d, mode=mode, b=p.q.shape[0], h=p.q.shape[1], h_kv=p.k.shape[1],
                            i=p.q.shape[2], j=p.k.shape[2], pairs=p.pairs)
+                eager = compare(calls, rounds=rounds)
+                # replayed as a CUDA graph: GPU time alone, without the host's time to launch, which bounds
+                # the small decoding steps in eager mode
+                graphed = compare({prov: fn for prov, fn in calls.items() if prov != "einsum"}, rounds=rounds,
+                                  graph=True)
                 for prov, fn in calls.items():
-                    ms = median_ms(fn, rounds)
+                    ms = eager[prov].median
+                    record = eager[prov].record()
                     row[f"{prov}_ms"] = ms
+                    row[f"{prov}_ms_spread"] = [record["ms_min"], record["ms_max"]]
                     row[f"{prov}_tflops"] = flops / ms / 1e9
                     row[f"{prov}_peak_mib"] = peak_mib(fn)
                     # forward: the output's error; forward + backward: the gradients' too
@@ -318,11 +314,13 @@ def main() -> None:
                     row[f"{prov}_ulp"] = {"o": report["o"]} if mode == "fwd" else report
                     if prov != "einsum":
                         row[f"{prov}_kernels"] = attention_kernels(fn)
-                        # replayed as a CUDA graph: GPU time alone, without the host's time to launch,
-                        # which bounds the small decoding steps in eager mode
-                        row[f"{prov}_graph_ms"], error = graph_ms(fn, rounds)
-                        if error:
-                            row[f"{prov}_graph_error"] = error
+                        timing = graphed[prov]
+                        if timing.method.startswith("eager"):  # the capture failed: no GPU-only time
+                            row[f"{prov}_graph_ms"] = None
+                            row[f"{prov}_graph_error"] = timing.method
+                        else:
+                            row[f"{prov}_graph_ms"] = timing.median
+                            row[f"{prov}_graph_ms_spread"] = [timing.low, timing.high]
                 row["ratio_module_vs_direct"] = row["direct_ms"] / row["module_ms"]
                 if row["module_graph_ms"] and row["direct_graph_ms"]:
                     row["graph_ratio_module_vs_direct"] = row["direct_graph_ms"] / row["module_graph_ms"]

@@ -14,9 +14,11 @@ GPU.
 
 At every point it first measures each provider's error in units of the
 output's last place, o, dq, dk and dv, against a float64 reference from the
-same bf16 inputs (``accuracy.py``), then times each with
-``triton.testing.do_bench`` (median), prints TFLOP/s and the ratios, and
-writes JSON: every row holds a provider's time and its error. FLOPs:
+same bf16 inputs (``accuracy.py``), then times them with the harness of
+``timing.py`` (providers interleaved, several rounds, each sample
+``triton.testing.do_bench``'s median), prints TFLOP/s and the ratios, and
+writes JSON: every row holds a provider's median time, its spread and samples,
+and its error. FLOPs:
 ``4 b h n^2 d`` for the forward, half when causal, 3.5 times that for
 forward plus backward (the anchors' convention). It ends with the headline:
 triton_attention against sdpa_default and against sdpa_flash.
@@ -48,7 +50,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: E402
-from triton.testing import do_bench  # noqa: E402
 
 from accuracy import (  # noqa: E402
     P99_LIMIT,
@@ -64,6 +65,7 @@ from flashattn.triton import hopper  # noqa: E402
 from flashattn.triton.launch import KernelConfigs, TileConfig, launch_table, table_key, use_rows  # noqa: E402
 from plot_triton import backend_name, headline, speed_ratios  # noqa: E402
 from runinfo import attention_kernels, run_info  # noqa: E402
+from timing import ROUNDS, compare  # noqa: E402
 
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
@@ -205,10 +207,12 @@ def main() -> None:
     parser.add_argument("--table", help="a tune_triton.py JSON whose proposal replaces this GPU's table rows")
     parser.add_argument("--jobs", type=int, default=0, help="processes that compile everything first")
     parser.add_argument("--warm-only", action="store_true", help="compile (with --jobs) and stop")
-    parser.add_argument("--rep", type=int, help="milliseconds of timing per measurement (default: 100)")
+    parser.add_argument("--rep", type=int, help="milliseconds of timing per sample (default: 50)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help=f"samples of every provider, interleaved (benchmarks/timing.py; default {ROUNDS})")
     args = parser.parse_args()
     # --quick changes the defaults; what is given explicitly stays
-    defaults = QUICK if args.quick else dict(n=[1024, 2048, 4096, 8192, 16384], d=[64, 128], rep=100)
+    defaults = QUICK if args.quick else dict(n=[1024, 2048, 4096, 8192, 16384], d=[64, 128], rep=50)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -237,7 +241,8 @@ def main() -> None:
                    quick=args.quick, rep_ms=args.rep),
         dtype="bfloat16", providers=providers,
         flops="fwd 4*b*h*n*n*d (half if causal); fwd_bwd 3.5x fwd",
-        timing="triton.testing.do_bench, median",
+        timing=(f"benchmarks/timing.py: {args.rounds} rounds, providers interleaved, each sample do_bench's median "
+                f"over {args.rep} ms; ms is the median of the samples, ms_min/ms_max/ms_q1/ms_q3 their spread"),
         accuracy=("error in ulps of bf16 against a float64 reference from the same bf16 inputs, rounded to bf16, "
                   "per element at max(|ref|, row RMS, tensor RMS / 16) (benchmarks/accuracy.py): max, p99, mean; "
                   f"o in fwd rows, o, dq, dk, dv in fwd_bwd rows (measured once per point, seed 1); "
@@ -273,13 +278,15 @@ def main() -> None:
                   + (f"   <-- above {P99_LIMIT}" if flagged else ""), flush=True)
         for mode in MODES:
             q, k, v, do = inputs(n, d, grad=mode == "fwd_bwd", seed=2)
-            for provider in providers:
-                fn = step(attention(provider, causal, n), q, k, v, do, mode)
+            fns = {provider: step(attention(provider, causal, n), q, k, v, do, mode) for provider in providers}
+            for fn in fns.values():
                 fn()  # compiles, or reads the caches the workers filled
-                ms = do_bench(fn, rep=args.rep, return_mode="median")
+            timings = compare(fns, rounds=args.rounds, rep_ms=args.rep)
+            for provider, timing in timings.items():
+                ms = timing.median
                 report = errors[provider]
                 rows.append(dict(provider=provider, mode=mode, causal=causal, d=d, n=n, b=TOKENS // n,
-                                 h=WIDTH // d, ms=round(ms, 4), tflops=round(tflops(n, d, causal, mode, ms), 1),
+                                 h=WIDTH // d, **timing.record(), tflops=round(tflops(n, d, causal, mode, ms), 1),
                                  # forward: the output's error; forward + backward: the gradients' too
                                  ulp={"o": report["o"]} if mode == "fwd" else report))
                 if provider == "sdpa_default":
