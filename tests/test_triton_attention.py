@@ -547,3 +547,16 @@ def test_cuda_long_rows_of_a_wide_buffer():
     for name, strided, contiguous in zip(("o", "dq", "dk", "dv"), *results):
         assert torch.isfinite(strided).all(), name
         assert torch.equal(strided, contiguous), name
+
+
+@pytest.mark.parametrize("d_v", [32, 24])  # 24: padded to 32 inside, sliced back
+def test_a_call_without_gradients_skips_autograd_and_gives_the_same_output(d_v):
+    q, k, v, _ = make_inputs(2, 4, 2, 37, 53, 32, d_v, torch.float32, seed=41)  # each requires a gradient
+    with torch.no_grad():
+        fast = triton_attention(q, k, v, causal=True)
+    assert fast.grad_fn is None and not fast.requires_grad
+    plain = triton_attention(q.detach(), k.detach(), v.detach(), causal=True)  # nothing requires a gradient
+    tracked = triton_attention(q, k, v, causal=True)  # through autograd
+    assert tracked.grad_fn is not None
+    assert fast.shape == (2, 4, 37, d_v) and fast.is_contiguous() == tracked.is_contiguous()
+    assert torch.equal(fast, tracked.detach()) and torch.equal(plain, tracked.detach())

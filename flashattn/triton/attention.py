@@ -263,5 +263,11 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
     if x.is_empty:
         return tiled_attention(q, k, v, causal=causal, scale=scale)
     inputs = kernel_inputs(q, x, causal)
-    o = _TritonAttention.apply(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs)  # (b, h, i, padded d_v)
-    return o[..., : inputs.d_v].to(inputs.dtype)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        o = _TritonAttention.apply(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs)
+    else:  # no gradient asked for: the kernel alone, without autograd's bookkeeping on the host
+        o, _ = launch_forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
+    # (b, h, i, padded d_v): sliced and cast only where the kernels padded or changed the dtype
+    if o.shape[-1] != inputs.d_v:
+        o = o[..., : inputs.d_v]
+    return o if o.dtype == inputs.dtype else o.to(inputs.dtype)
