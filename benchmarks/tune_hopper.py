@@ -1,8 +1,9 @@
 """What each Hopper change buys: the kernels of flashattn/triton/hopper_kernels.py against today's, kernel by kernel.
 
 For every point of the grid (bf16, 16k tokens per batch, width 2048, d = 64
-and 128, causal and not, n from 1k to 16k) it times, with
-``triton.testing.do_bench`` (median):
+and 128, causal and not, n from 1k to 16k) it times, through the harness of
+``timing.py`` (every launch of the point interleaved, several rounds, each
+sample ``triton.testing.do_bench``'s median):
 
 - ``pointers``: today's kernels (``kernels.py``) at the launch table's configs:
   the forward, and the backward's three passes;
@@ -34,13 +35,13 @@ from dataclasses import astuple
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from triton.testing import do_bench
 
 from flashattn.triton import attention as pointers
 from flashattn.triton import hopper
 from flashattn.triton.hopper import HopperLaunch
 from flashattn.triton.launch import pick_configs
 from runinfo import run_info
+from timing import ROUNDS, compare
 
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
@@ -129,7 +130,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
     parser.add_argument("--d", type=int, nargs="+", default=[64, 128])
     parser.add_argument("--jobs", type=int, default=0, help="processes that compile every candidate first")
-    parser.add_argument("--rep", type=int, default=60, help="milliseconds of timing per measurement")
+    parser.add_argument("--rep", type=int, default=60, help="milliseconds of timing per sample")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every launch, interleaved")
     args = parser.parse_args()
 
     tasks = [("today", d, causal, None) for d in args.d for causal in (False, True)]
@@ -157,24 +159,28 @@ def main() -> None:
                 refs = {"fwd": (o,), "dkdv": (dk, dv), "dq": (dq,), "fused": (dq, dk, dv)}
                 point = dict(d=d, causal=causal, n=n, b=b, h=h)
 
-                def timed(fn, grads=None) -> float:
-                    return do_bench(fn, warmup=25, rep=args.rep, grad_to_none=grads, return_mode="median")
-
                 qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-                with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
-                    cudnn_fwd = timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal))
-                    cudnn_both = timed(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal).backward(do),
-                                       grads=[qg, kg, vg])
-                rows.append(dict(point, kernel="fwd", path="cudnn", ms=cudnn_fwd))
-                rows.append(dict(point, kernel="bwd", path="cudnn", ms=cudnn_both - cudnn_fwd))
-                rows.append(dict(point, kernel="fwd", path="pointers", config=astuple(cfg.fwd),
-                                 ms=timed(lambda: pointers.launch_forward(q, k, v, causal, scale, cfg.fwd))))
-                rows.append(dict(point, kernel="preprocess", path="pointers",
-                                 ms=timed(lambda: pointers.launch_backward_preprocess(o, do))))
-                rows.append(dict(point, kernel="dkdv", path="pointers", config=astuple(cfg.dkdv), ms=timed(
-                    lambda: pointers.launch_backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv))))
-                rows.append(dict(point, kernel="dq", path="pointers", config=astuple(cfg.dq), ms=timed(
-                    lambda: pointers.launch_backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq))))
+
+                def cudnn_fwd():
+                    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+                        return F.scaled_dot_product_attention(qg, kg, vg, is_causal=causal)
+
+                def cudnn_both():
+                    qg.grad = kg.grad = vg.grad = None  # no accumulation into earlier gradients
+                    cudnn_fwd().backward(do)
+
+                # every launch of this point, timed against the others through the harness, interleaved
+                calls = {
+                    ("fwd", "cudnn", None): cudnn_fwd,
+                    ("both", "cudnn", None): cudnn_both,
+                    ("fwd", "pointers", astuple(cfg.fwd)): lambda: pointers.launch_forward(q, k, v, causal, scale, cfg.fwd),
+                    ("preprocess", "pointers", None): lambda: pointers.launch_backward_preprocess(o, do),
+                    ("dkdv", "pointers", astuple(cfg.dkdv)):
+                        lambda: pointers.launch_backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg.dkdv),
+                    ("dq", "pointers", astuple(cfg.dq)):
+                        lambda: pointers.launch_backward_dq(q, k, v, do, lse, delta, causal, scale, cfg.dq),
+                }
+                candidate_rows = []
                 for kernel, cfgs in CANDIDATES.items():
                     for launch in cfgs:
                         row = dict(point, kernel=kernel, path="fused" if kernel == "fused" else "tma",
@@ -185,19 +191,38 @@ def main() -> None:
                             try:
                                 row["diff"] = rel_diff(fn(), refs[kernel])
                                 if row["diff"] <= TOLERANCE:
-                                    row["ms"] = timed(fn)
+                                    calls[(kernel, row["path"], astuple(launch))] = fn
                                 else:
                                     row["error"] = f"differs from today's kernel by {row['diff']:.3g}"
                             except Exception as exc:  # noqa: BLE001
                                 row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1][:300]}"
                         else:
                             row["error"] = error
-                        rows.append(row)
+                        candidate_rows.append(row)
+                for fn in calls.values():
+                    fn()  # compiled before any timing
+                timings = compare(calls, rounds=args.rounds, rep_ms=args.rep)
+                fwd, both = timings[("fwd", "cudnn", None)], timings[("both", "cudnn", None)]
+                rows.append(dict(point, kernel="fwd", path="cudnn", **fwd.record()))
+                # the backward alone: forward + backward less the forward, medians and the range they allow
+                rows.append(dict(point, kernel="bwd", path="cudnn", ms=both.median - fwd.median,
+                                 ms_min=both.low - fwd.high, ms_max=both.high - fwd.low))
+                for (kernel, path, config), timing in timings.items():
+                    if path == "pointers":
+                        rows.append(dict(point, kernel=kernel, path=path, **({} if config is None else dict(config=config)),
+                                         **timing.record()))
+                for row in candidate_rows:
+                    key = (row["kernel"], row["path"], row["config"])
+                    if key in timings:
+                        row.update(timings[key].record())
+                    rows.append(row)
                 report(rows, point)
 
     if args.out:
         result = run_info(dtype="bfloat16", tokens=TOKENS, width=WIDTH, n=args.n, d=args.d)
-        result.update(timing="triton.testing.do_bench, median", tolerance=TOLERANCE, rows=rows)
+        result.update(timing=(f"benchmarks/timing.py: {args.rounds} rounds, every launch of a point interleaved, "
+                              "each sample do_bench's median; ms the median, ms_min/ms_max the range"),
+                      tolerance=TOLERANCE, rows=rows)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
         print("wrote", args.out)

@@ -28,10 +28,10 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from triton.testing import do_bench
 
 from flashattn.triton.attention import launch_backward_dkdv, launch_backward_dq, launch_backward_preprocess, launch_forward
 from flashattn.triton.launch import SHORT, TileConfig, pick_configs
+from timing import ROUNDS, compare
 from runinfo import run_info
 
 TOKENS, WIDTH = 16384, 2048
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--d", type=int, nargs="+", help="head dimensions (default: 64 128 256)")
     parser.add_argument("--n", type=int, nargs="+", help="lengths (default: 1024 4096 16384; d = 256 at 4096 only)")
     parser.add_argument("--rep", type=int, help="milliseconds of timing per candidate (default: 40)")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every candidate, interleaved")
     parser.add_argument("--compile-only", action="store_true")
     parser.add_argument("--jobs", type=int, default=8, help="processes for --compile-only")
     args = parser.parse_args()
@@ -151,6 +152,7 @@ def main() -> None:
                 p = Problem(TOKENS // n, WIDTH // d, n, d, causal)
                 for kernel in KERNELS:
                     ref = p.run(kernel, getattr(p.table, kernel))
+                    checked, runs = [], {}
                     for cfg in candidates(kernel, d, limit):
                         row = dict(kernel=kernel, d=d, causal=causal, n=n, config=list(cfg))
                         try:
@@ -161,9 +163,15 @@ def main() -> None:
                             if diff > 2**-5:
                                 row["error"] = "result differs from the table's"
                             else:
-                                row["ms"] = do_bench(run, warmup=10, rep=args.rep, return_mode="median")
+                                runs[tuple(cfg)] = run
                         except Exception as error:
                             row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                        checked.append(row)
+                    # the candidates that compute the right result, timed against each other, interleaved
+                    timings = compare(runs, rounds=args.rounds, rep_ms=args.rep)
+                    for row in checked:
+                        if tuple(row["config"]) in timings:
+                            row.update(timings[tuple(row["config"])].record())
                         rows.append(row)
                         print(json.dumps(row), flush=True)
                 del p
