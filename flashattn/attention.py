@@ -50,7 +50,7 @@ def bias_in(dtype: torch.dtype, attn_bias: Tensor, keep: Tensor | None) -> Tenso
 
 def _as_4d(t: Tensor) -> Tensor:
     """View a mask or bias as 4-D: the fused kernels take only 4-D masks."""
-    return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 def zero_rows_kernel(o: Tensor):
@@ -102,6 +102,9 @@ def zero_rows_without_key(o: Tensor, row_has_key: Tensor) -> Tensor:
     zero_rows_ = zero_rows_kernel(o)
     if zero_rows_ is None:
         return o.masked_fill(~row_has_key, 0.0)
+    if not (o.requires_grad and torch.is_grad_enabled()):  # no gradient to zero: the kernel alone
+        zero_rows_(o, row_has_key[..., 0])
+        return o
     return _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0], zero_rows_)
 
 
@@ -150,7 +153,7 @@ def sdpa_masking(
     # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
     # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
     row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
-    keep = keep | ~row_has_key
+    keep = torch.where(row_has_key, keep, True)  # keep | ~row_has_key, in one operation
     attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
     return SdpaMasking(attn_mask=_as_4d(attn_mask), row_has_key=_as_4d(row_has_key))
 

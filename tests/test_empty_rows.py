@@ -111,3 +111,33 @@ def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
     for grad, grad_ref in zip(grads, grads_ref):
         torch.testing.assert_close(grad.double().cpu(), grad_ref.double(), atol=1e-5, rtol=1e-5)
     assert (o[:, :, :2] == 0).all() and (o[1, :, 4] == 0).all()
+
+
+def test_without_gradients_the_module_zeroes_through_the_kernel_alone(monkeypatch):
+    """With no gradient asked for, the kernel runs without the autograd function around it, and gives the same output."""
+    calls = []
+
+    def kernel_for(o):
+        def zero_rows_(o, row_has_key):
+            calls.append(tuple(o.shape))
+            zero_rows_without_key_(o, row_has_key)
+
+        return zero_rows_
+
+    monkeypatch.setattr(attention_module, "zero_rows_kernel", kernel_for)
+    applied = []
+    monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or _apply(*args))
+    q, k, v = randn(2, 4, 7, 16, seed=13), randn(2, 2, 5, 16, seed=14), randn(2, 2, 5, 16, seed=15)
+    mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
+    mask[0, 0, 3] = False  # an empty row
+    module = FlashAttention(causal=True)
+    with torch.no_grad():
+        fast = module(q.requires_grad_(), k, v, mask=mask)
+    assert calls == [(2, 4, 7, 16)] and applied == []
+    assert (fast[0, :, 3] == 0).all() and (fast[:, :, :2] == 0).all()
+    tracked = module(q, k, v, mask=mask)  # q requires a gradient: through the autograd function
+    assert applied == [1]
+    assert torch.equal(fast, tracked.detach())
+
+
+_apply = _ZeroRowsWithoutKey.apply
