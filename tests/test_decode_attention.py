@@ -453,3 +453,28 @@ def test_use_16bit_config_is_what_decode_config_gives_after():
     finally:
         decoding.use_16bit_config(before)
     assert decoding.decode_config(torch.bfloat16, interpreted=False) == before
+
+
+def test_the_number_of_chunks_is_chosen_once_per_shape_and_the_choices_kept_are_bounded(monkeypatch):
+    """On a GPU ``_plan`` asks ``_wave_splits`` (which compiles and measures) once per shape, then looks the answer up."""
+    asked = []
+
+    def wave_splits(kernels, q, k, v, lens, cfg, constants):
+        asked.append(k.shape[2])
+        return 3
+
+    monkeypatch.setattr(triton_decoding, "is_interpreted", lambda kernel: False)  # as on a GPU
+    monkeypatch.setattr(triton_decoding, "check_device", lambda *args: None)
+    monkeypatch.setattr(triton_decoding, "_wave_splits", wave_splits)
+    monkeypatch.setattr(triton_decoding, "_wave_splits_chosen", type(triton_decoding._wave_splits_chosen)())
+    monkeypatch.setattr(triton_decoding, "CHOICES_KEPT", 2)
+    q = torch.randn(1, 4, 1, 16, dtype=torch.float16)
+
+    def plan(j):
+        kv = torch.randn(1, 2, j, 16, dtype=torch.float16)
+        return triton_decoding._plan(q, kv, kv, None, 0.25, None).num_splits
+
+    assert [plan(1000), plan(1000)] == [3, 3] and asked == [1000]  # the second call looked it up
+    plan(2000), plan(3000)  # two more shapes: the first is no longer kept
+    assert plan(1000) == 3 and asked == [1000, 2000, 3000, 1000]
+    assert plan(3000) == 3 and asked == [1000, 2000, 3000, 1000]  # still kept

@@ -9,6 +9,7 @@ sequence), then one merge program per query row.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -41,6 +42,10 @@ _CONFIG_INTERPRETER = DecodeConfig(block_k=64, num_warps=4, num_stages=1)
 WAVES = 1  # grids of this many full waves of programs: the chunks then all end together
 MIN_TILES_PER_SPLIT = 4  # a chunk shorter than this costs more in its merge than it saves
 _resident: dict[tuple, int] = {}  # programs of one compiled chunk kernel that fit on one SM at once
+# the number of chunks chosen for a shape by _wave_splits, the most recent first out of the way; bounded,
+# for a cache that grows by a token at every step has a new shape at every step
+_wave_splits_chosen: OrderedDict[tuple, int] = OrderedDict()
+CHOICES_KEPT = 512
 
 
 def decode_config(dtype: torch.dtype, interpreted: bool) -> DecodeConfig:
@@ -171,7 +176,20 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, nu
     constants = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
                      HAS_LENS=lens is not None)
     if num_splits is None:
-        num_splits = 1 if interpreted else _wave_splits(kernels, q, k, v, lens, cfg, constants)
+        if interpreted:
+            num_splits = 1
+        else:
+            # the same shapes, strides and launch choose the same number: worked out once (it compiles
+            # and measures the kernel the first time), then looked up, to keep a decoding step's host time short
+            key = (q.device, q.dtype, q.shape, k.shape, v.shape, q.stride(), k.stride(), v.stride(), cfg,
+                   lens is not None)
+            if key in _wave_splits_chosen:
+                _wave_splits_chosen.move_to_end(key)
+            else:
+                _wave_splits_chosen[key] = _wave_splits(kernels, q, k, v, lens, cfg, constants)
+                if len(_wave_splits_chosen) > CHOICES_KEPT:
+                    _wave_splits_chosen.popitem(last=False)  # the least recently used
+            num_splits = _wave_splits_chosen[key]
     # more chunks than key tiles would only add empty ones: the result is the same without them
     num_splits = max(1, min(num_splits, math.ceil(j / cfg.block_k), MAX_SPLITS))
     return _Plan(kernels, q, k, v, lens, scale, cfg, constants, num_splits)
