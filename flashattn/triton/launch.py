@@ -158,8 +158,8 @@ def kernel_operands(q: Tensor, k: Tensor, v: Tensor, interpreted: bool) -> tuple
     return fit_head_dim(q, head_dim), fit_head_dim(k, head_dim), fit_head_dim(v, head_dim_v)
 
 
-def check_capability(device: torch.device) -> None:
-    """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer)."""
+def check_capability(device: torch.device) -> tuple[int, int]:
+    """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer); return its capability."""
     capability = torch.cuda.get_device_capability(device)
     if capability < MIN_CAPABILITY:
         raise RuntimeError(
@@ -167,6 +167,7 @@ def check_capability(device: torch.device) -> None:
             f"or newer (Ampere or later); {device} ({torch.cuda.get_device_name(device)}) has "
             f"{capability[0]}.{capability[1]}. tiled_attention and FlashAttention compute the same function there."
         )
+    return capability
 
 
 def fits_kernels(device: torch.device, dtype: torch.dtype, d: int, d_v: int) -> bool:
@@ -180,8 +181,7 @@ def fits_kernels(device: torch.device, dtype: torch.dtype, d: int, d_v: int) -> 
 
 def table_key(device: torch.device, head_dim: int, i: int, j: int) -> tuple[str, int, str]:
     """The row of ``_TABLE`` for 16-bit inputs: architecture, padded head dimension, length."""
-    check_capability(device)
-    major, _ = torch.cuda.get_device_capability(device)
+    major, _ = check_capability(device)
     # Hopper's rows serve later GPUs too; Ampere's serve every GPU before Hopper
     arch = "sm90" if major >= 9 else "sm80"
     row = max(head_dim, 64)
@@ -200,7 +200,7 @@ def pick_configs(
         return _forced
     if interpreted:
         return _INTERPRETER
-    check_capability(device)
     if dtype == torch.float32:
+        check_capability(device)
         return _FLOAT32[max(head_dim, 64)]
-    return _TABLE[table_key(device, head_dim, i, j)]
+    return _TABLE[table_key(device, head_dim, i, j)]  # table_key checks the capability
