@@ -91,8 +91,8 @@ class _ZeroRowsWithoutKey(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do: Tensor) -> tuple[Tensor, None, None]:
         (row_has_key,) = ctx.saved_tensors
-        # written in the memory layout of o, the one SDPA's backward reads dO in: a dO of another
-        # layout would be copied once more there, one more buffer of O's size
+        # written in the memory layout of o: SDPA's cuDNN backward before cuDNN 9.5.1 copies a dO
+        # whose strides differ from O's (a gradient that arrives through a transpose, say) once more
         do_kept = torch.empty_strided(do.shape, ctx.o_stride, dtype=do.dtype, device=do.device)
         return torch.where(row_has_key[..., None], do, do.new_zeros(()), out=do_kept), None, None
 

@@ -61,8 +61,9 @@ def test_gradients_through_the_in_place_zeroing():
 def test_the_gradient_passed_on_has_the_layout_of_o():
     """The zeroed gradient is laid out as ``o`` is, whatever the incoming one: SDPA's backward then reads it as it is.
 
-    cuDNN's kernels return ``o`` in a (b, i, h, d) layout; a gradient in
-    another layout would be copied again inside SDPA's backward.
+    ``o`` takes the layout of ``q`` (a (b, i, h, d) layout when q is a view of
+    a projection's output); SDPA's cuDNN backward before cuDNN 9.5.1 copies a
+    gradient of another layout once more.
     """
     base = randn(2, 7, 3, 16, seed=8).requires_grad_()  # (b, i, h, d) in memory
     o = base.transpose(1, 2) * 1.0  # (b, h, i, d), strides of the (b, i, h, d) layout
