@@ -255,3 +255,13 @@ def test_saved_bytes_counts_what_autograd_keeps_each_storage_once():
     # nothing is kept without autograd
     with torch.no_grad():
         assert saved_bytes(lambda: einsum(q, k, v)) == 0
+
+
+def test_the_recorded_gpu_run_executed_every_chapter_without_an_error():
+    """benchmarks/results/chapters-h100.json: the last run of every chapter on the GPU runner, as the running page quotes it."""
+    record = json.loads((ROOT / "benchmarks" / "results" / "chapters-h100.json").read_text())
+    assert record["device"].startswith("NVIDIA H100") and record["git"]["commit"]
+    chapters = {c["notebook"]: c for c in record["chapters"]}
+    assert sorted(chapters) == sorted(p.name for p in (ROOT / "notebooks").glob("*.ipynb"))
+    assert all(c["passed"] and c["code_cells"] > 0 for c in chapters.values())
+    assert record["summary"] == f"{len(chapters)} passed, 0 failed"
