@@ -173,15 +173,19 @@ def main() -> None:
             parser.error("no GPU here: pass --cpu-smoke to run the tiny cases in Triton's interpreter")
         device = torch.device("cuda")
     records = []
-    for n, case in enumerate(cases(options.cpu_smoke)):
+    all_cases = list(cases(options.cpu_smoke))
+    info = run_info(cases=len(all_cases))
+    options.out.parent.mkdir(parents=True, exist_ok=True)
+    for n, case in enumerate(all_cases):
         record = run_case(case, device, options.seed + n)
         records.append(record)
         worst = max(record[name]["error"] / record[name]["limit"] for name in OUTPUTS)
         print(f"{'ok  ' if record['passed'] else 'FAIL'} {case}  worst error / limit = {worst:.2f}", flush=True)
+        # written after every case, so that a run cut short keeps the cases it checked
+        failed = sum(not r["passed"] for r in records)
+        result = dict(info, complete=len(records) == len(all_cases), failed=failed, cases=records)
+        options.out.write_text(json.dumps(result, indent=1) + "\n")
     failed = sum(not r["passed"] for r in records)
-    result = dict(run_info(cases=len(records)), failed=failed, cases=records)
-    options.out.parent.mkdir(parents=True, exist_ok=True)
-    options.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"{len(records) - failed} of {len(records)} cases passed; results in {options.out}")
     sys.exit(1 if failed else 0)
 
