@@ -1,0 +1,42 @@
+"""The benchmark scripts that check or measure on the GPU runner, run here as far as a CPU allows.
+
+``check_sm80_rows.py --cpu-smoke`` forces every ``sm80`` row of the launch
+table through Triton's interpreter at tiny sizes and compares the outputs and
+gradients with float64; ``host_time.py`` needs a GPU and must say so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("triton")
+
+
+def test_the_sm80_rows_forced_through_the_interpreter_match_float64(tmp_path):
+    out = tmp_path / "sm80.json"
+    run = subprocess.run([sys.executable, "benchmarks/check_sm80_rows.py", "--cpu-smoke", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert record["complete"] and record["failed"] == 0 and len(record["cases"]) >= 10
+    # every sm80 row of the launch table was forced at least once
+    from flashattn.triton.launch import launch_table
+
+    sm80_rows = {str(row) for arch, row, _ in launch_table() if arch == "sm80"}
+    assert {str(case["row"]) for case in record["cases"]} >= sm80_rows
+    assert all(case[name]["error"] <= case[name]["limit"] for case in record["cases"] for name in ("o", "dq", "dk", "dv"))
+    assert all(case["passed"] for case in record["cases"])
+
+
+def test_host_time_says_it_needs_a_gpu(tmp_path):
+    run = subprocess.run([sys.executable, "benchmarks/host_time.py", "--out", str(tmp_path / "h.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode != 0
+    assert "host_time.py measures eager calls on a GPU; no CUDA device is available here" in run.stderr
