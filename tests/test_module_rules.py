@@ -347,3 +347,18 @@ def test_a_mask_or_bias_on_another_device_is_named(flash):
         m(q, k, v, mask=torch.ones(4, 6, dtype=torch.bool, device="meta"))
     with pytest.raises(ValueError, match="attn_bias is on meta but q is on cpu"):
         m(q, k, v, attn_bias=torch.zeros(2, 4, 6, device="meta"))
+
+
+def test_rows_with_no_key_reach_sdpa_with_every_key_and_are_flagged_for_zeroing():
+    """What SDPA is handed for a mask with empty rows: no row of its mask is empty (the fused kernels disagree on
+    such rows: cuDNN's returns non-zero rows and, in some versions, NaN gradients), and the rows to zero afterwards."""
+    from flashattn.attention import sdpa_masking
+
+    keep = torch.rand(2, 1, 5, 7, generator=torch.Generator().manual_seed(21)) > 0.4
+    keep[0, 0, 1] = False  # empty rows
+    keep[1, 0, 3] = False
+    call = sdpa_masking(keep, None, False, 5, 7, torch.float32, torch.device("cpu"))
+    has_key = keep.any(dim=-1, keepdim=True)
+    assert torch.equal(call.row_has_key, has_key)
+    assert call.attn_mask.any(dim=-1).all()  # every row of SDPA's mask keeps a key
+    assert torch.equal(call.attn_mask, keep | ~has_key)  # kept rows unchanged, empty rows given every key
