@@ -15,11 +15,11 @@ memory; and the attention kernels that ran, read off ``torch.profiler``.
 
 With a mask the module always zeroes the rows that have no key to attend, on
 the GPU (one extra pass over the output); the key padding problem measures
-that cost against the direct call with the same mask. ``--host-blocking``
-also measures whether one masked call makes the host wait for the GPU.
+that cost against the direct call with the same mask. The host time of one
+masked call, and whether it waits for the GPU, is ``host_time.py``'s to measure.
 
-    python benchmarks/bench_module.py --host-blocking --out flashattn/results/module-h200.json
-    python benchmarks/bench_module.py --quick --host-blocking --out /tmp/module-quick.json   # smoke test
+    python benchmarks/bench_module.py --out flashattn/results/module-h200.json
+    python benchmarks/bench_module.py --quick --out /tmp/module-quick.json   # smoke test
 """
 
 from __future__ import annotations
@@ -28,8 +28,6 @@ import argparse
 import functools
 import json
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -139,64 +137,11 @@ def ulp_errors(p: Problem, providers: list[str], grad: Tensor | None) -> dict[st
     return out
 
 
-def host_blocking(b: int = 4, h: int = 16, n: int = 4096, d: int = 128, repeats: int = 10, matmuls: int = 10,
-                  size: int = 8192) -> dict:
-    """Host time of one masked call, with the GPU idle and with ``matmuls`` large matmuls queued ahead of it.
-
-    Key padding, (b, h, n, d), bf16, no gradient. Each repeat synchronizes,
-    queues the matmuls ``size`` x ``size`` (or not), and times only the call
-    with ``time.perf_counter`` (no synchronize inside). A call that waits for
-    the GPU takes about the queue's GPU time (``queue_ms``) when the GPU is
-    busy; one that does not takes the same time either way.
-    """
-    q, k, v = (torch.randn(b, h, n, d, device=DEVICE, dtype=torch.bfloat16) for _ in range(3))
-    keep = padding_mask(torch.randint(n // 2, n + 1, (b,), device=DEVICE), n)
-    module = FlashAttention()
-    calls = {
-        "module": lambda: module(q, k, v, mask=keep),
-        "direct": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=keep),
-    }
-    a = torch.randn(size, size, device=DEVICE, dtype=torch.bfloat16)
-    c = torch.empty_like(a)
-
-    def queue() -> None:
-        for _ in range(matmuls):
-            torch.mm(a, a, out=c)
-
-    for fn in (*calls.values(), queue):  # warm up: kernels chosen and loaded, memory cached
-        for _ in range(3):
-            fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    queue()
-    end.record()
-    torch.cuda.synchronize()
-    result: dict = dict(b=b, h=h, n=n, d=d, dtype="bfloat16", mask="key padding (b, 1, 1, n)", repeats=repeats,
-                        queued=f"{matmuls} x torch.mm({size}x{size} bf16)", queue_ms=start.elapsed_time(end))
-    for name, fn in calls.items():
-        for busy in (False, True):
-            times = []
-            for _ in range(repeats):
-                torch.cuda.synchronize()
-                if busy:
-                    queue()
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            torch.cuda.synchronize()
-            result[f"{name}_{'busy' if busy else 'idle'}_us"] = statistics.median(times) * 1e6
-        # waiting for the GPU would cost about the queue's time; not waiting, the same as idle
-        result[f"{name}_waits_for_gpu"] = (
-            result[f"{name}_busy_us"] - result[f"{name}_idle_us"] > 0.5 * result["queue_ms"] * 1e3)
-    return result
-
-
 def ratio_range(values: list[float]) -> str:
     return f"{min(values):.3f} to {max(values):.3f}" if values else "-"
 
 
-def summary(rows: list[dict], blocking: dict | None) -> list[str]:
+def summary(rows: list[dict]) -> list[str]:
     """The headline: module / direct (SDPA's own choice of kernel, sdpa_default) per mode, eager and graph."""
     direct_kernels = sorted({k for r in rows for k in r.get("direct_kernels", [])})
     lines = ["direct = F.scaled_dot_product_attention with SDPA's own choice of kernel (sdpa_default); "
@@ -228,12 +173,6 @@ def summary(rows: list[dict], blocking: dict | None) -> list[str]:
         if worst:
             lines.append(f"largest p99 error of {prov} over the rows, in ulps: "
                          + " ".join(f"{name} {e:g}" for name, e in worst.items()))
-    if blocking:
-        lines.append(f"host time of one masked call (median of {blocking['repeats']}), GPU idle / behind "
-                     f"{blocking['queue_ms']:.1f} ms of queued matmuls: "
-                     + "; ".join(f"{name} {blocking[f'{name}_idle_us']:.0f} / {blocking[f'{name}_busy_us']:.0f} µs"
-                                 f" ({'waits' if blocking[f'{name}_waits_for_gpu'] else 'does not wait'})"
-                                 for name in ("module", "direct")))
     return lines
 
 
@@ -246,9 +185,6 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", metavar="NAME",
                         help="only the problems whose name contains one of these (e.g. 'key padding' decode)")
     parser.add_argument("--no-einsum", action="store_true", help="skip the einsum path (slow, large)")
-    parser.add_argument("--host-blocking", action="store_true",
-                        help="also time the host side of one masked call with the GPU idle and busy")
-    parser.add_argument("--only-host-blocking", action="store_true", help="the host-blocking measurement alone")
     args = parser.parse_args()
     n = QUICK["n"] if args.quick else N
     dims = args.d or (QUICK["d"] if args.quick else (64, 128))
@@ -272,13 +208,13 @@ def main() -> None:
                   f"flagged above a p99 of {P99_LIMIT}"),
     )
 
-    def write(blocking: dict | None = None, complete: bool = False) -> None:
+    def write(complete: bool = False) -> None:
         """The results so far (after every problem, so that a run cut short keeps what it measured)."""
         with open(args.out, "w") as f:
-            json.dump(dict(**meta, complete=complete, rows=rows, host_blocking=blocking,
+            json.dump(dict(**meta, complete=complete, rows=rows,
                            accuracy_failures=failures), f, indent=1)
 
-    for d in ([] if args.only_host_blocking else dims):
+    for d in dims:
         for p in problems(d, n, decode_i, decode_j):
             if args.cases and not any(c in p.name for c in args.cases):
                 continue
@@ -334,9 +270,8 @@ def main() -> None:
             torch.cuda.empty_cache()
             write()
 
-    blocking = host_blocking() if (args.host_blocking or args.only_host_blocking) else None
-    write(blocking, complete=True)
-    print("\n" + "\n".join(summary(rows, blocking)))
+    write(complete=True)
+    print("\n" + "\n".join(summary(rows)))
     if failures:
         raise SystemExit("accuracy above the limit:\n  " + "\n  ".join(failures))
 

@@ -124,12 +124,11 @@ def _decode(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, 
         return triton_decode(q, k, v, lens, scale, num_splits)
     work = torch.promote_types(q.dtype, torch.float32)
     j = k.shape[2]
-    given = lens
-    lens = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens.clamp(0, j)
+    clamped = torch.full((q.shape[0],), j, device=q.device) if lens is None else lens.clamp(0, j)
     splits = num_splits if num_splits is not None else max(1, math.ceil(j / CPU_CHUNK))
-    o = split_kv_attention(q.to(work), k.to(work), v.to(work), lens, scale=scale, num_splits=splits)
-    if given is not None and given.is_cuda:  # the range check on the GPU, as the kernels make it
-        out_of_range = (given < 0) | (given > j)  # (b,)
+    o = split_kv_attention(q.to(work), k.to(work), v.to(work), clamped, scale=scale, num_splits=splits)
+    if lens is not None and lens.is_cuda:  # the range check on the GPU, as the kernels make it
+        out_of_range = (lens < 0) | (lens > j)  # (b,)
         o = o.masked_fill(out_of_range[:, None, None, None], math.nan)
     return o.to(q.dtype)
 

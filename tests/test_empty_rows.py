@@ -80,12 +80,13 @@ def test_the_gradient_passed_on_has_the_layout_of_o():
     assert torch.equal(grad, do.masked_fill(~row_has_key[..., None], 0.0))
 
 
-def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
-    """FlashAttention's flash path with the kernel doing the zeroing, as on a GPU: values and gradients of attention.
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The module's zeroing through the kernel (interpreted on the CPU), as on a GPU; the shapes of ``o`` it was called on.
 
-    On the CPU the module zeroes with ``masked_fill``; here ``zero_rows_kernel``
-    hands it the kernel (interpreted on the CPU), so that the path a GPU takes
-    runs, and the test sees that it did.
+    On the CPU the module zeroes with ``masked_fill``; ``zero_rows_kernel`` is
+    the seam through which it is handed the kernel, so that the path a GPU
+    takes runs, and a test sees that it did.
     """
     calls = []
 
@@ -97,12 +98,17 @@ def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
         return zero_rows_
 
     monkeypatch.setattr(attention_module, "zero_rows_kernel", kernel_for)
+    return calls
+
+
+def test_the_module_zeroes_empty_rows_through_the_kernel(kernel_calls):
+    """FlashAttention's flash path with the kernel doing the zeroing, as on a GPU: values and gradients of attention."""
     q = randn(2, 4, 7, 16, seed=8).requires_grad_()
     k, v = randn(2, 2, 5, 16, seed=9).requires_grad_(), randn(2, 2, 5, 16, seed=10).requires_grad_()
     mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(11)) > 0.3).to(DEVICE)
     mask[1, 0, 4] = False  # an empty row by the mask; the causal rule empties rows 0 and 1 (i - j = 2)
     o = FlashAttention(causal=True)(q, k, v, mask=mask)
-    assert calls == [(2, 4, 7, 16)]
+    assert kernel_calls == [(2, 4, 7, 16)]
     do = randn(*o.shape, seed=12)
     grads = torch.autograd.grad(o, (q, k, v), do)
     o_ref = reference_attention(q, k, v, causal=True, mask=mask)
@@ -114,31 +120,20 @@ def test_the_module_zeroes_empty_rows_through_the_kernel(monkeypatch):
     assert (o[:, :, :2] == 0).all() and (o[1, :, 4] == 0).all()
 
 
-def test_without_gradients_the_module_zeroes_through_the_kernel_alone(monkeypatch):
+def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_calls, monkeypatch):
     """With no gradient asked for, the kernel runs without the autograd function around it, and gives the same output."""
-    calls = []
-
-    def kernel_for(o):
-        def zero_rows_(o, row_has_key):
-            calls.append(tuple(o.shape))
-            zero_rows_without_key_(o, row_has_key)
-
-        return zero_rows_
-
-    monkeypatch.setattr(attention_module, "zero_rows_kernel", kernel_for)
     applied = []
-    monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or _apply(*args))
+    apply = _ZeroRowsWithoutKey.apply
+    monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or apply(*args))
     q, k, v = randn(2, 4, 7, 16, seed=13), randn(2, 2, 5, 16, seed=14), randn(2, 2, 5, 16, seed=15)
     mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
     mask[0, 0, 3] = False  # an empty row
     module = FlashAttention(causal=True)
     with torch.no_grad():
         fast = module(q.requires_grad_(), k, v, mask=mask)
-    assert calls == [(2, 4, 7, 16)] and applied == []
+    assert kernel_calls == [(2, 4, 7, 16)] and applied == []
     assert (fast[0, :, 3] == 0).all() and (fast[:, :, :2] == 0).all()
     tracked = module(q, k, v, mask=mask)  # q requires a gradient: through the autograd function
     assert applied == [1]
     assert torch.equal(fast, tracked.detach())
 
-
-_apply = _ZeroRowsWithoutKey.apply

@@ -175,6 +175,12 @@ class KernelInputs:
     dtype: torch.dtype
     negated: bool
 
+    def output(self, o: Tensor) -> Tensor:
+        """The kernels' ``o`` (b, h, i, padded d_v) in the caller's form: sliced and cast only where it differs."""
+        if o.shape[-1] != self.d_v:
+            o = o[..., : self.d_v]
+        return o if o.dtype == self.dtype else o.to(self.dtype)
+
 
 def kernel_inputs(q: Tensor, x: Prepared, causal: bool = False) -> KernelInputs:
     """Check ``q`` and the prepared inputs ``x`` (:func:`~flashattn.inputs.prepare`) for the kernels, and bring them to their form."""
@@ -214,7 +220,7 @@ def triton_forward(
         return tiled_forward_fa2(q, k, v, causal=causal, scale=scale)
     inputs = kernel_inputs(q, x, causal)
     o, lse = launch_forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
-    return o[..., : inputs.d_v].to(inputs.dtype), lse
+    return inputs.output(o), lse
 
 
 def triton_backward(
@@ -267,7 +273,4 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, s
         o = _TritonAttention.apply(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs)
     else:  # no gradient asked for: the kernel alone, without autograd's bookkeeping on the host
         o, _ = launch_forward(inputs.q, inputs.k, inputs.v, causal, inputs.scale, inputs.configs.fwd)
-    # (b, h, i, padded d_v): sliced and cast only where the kernels padded or changed the dtype
-    if o.shape[-1] != inputs.d_v:
-        o = o[..., : inputs.d_v]
-    return o if o.dtype == inputs.dtype else o.to(inputs.dtype)
+    return inputs.output(o)

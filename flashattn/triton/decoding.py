@@ -42,8 +42,8 @@ _CONFIG_INTERPRETER = DecodeConfig(block_k=64, num_warps=4, num_stages=1)
 WAVES = 1  # grids of this many full waves of programs: the chunks then all end together
 MIN_TILES_PER_SPLIT = 4  # a chunk shorter than this costs more in its merge than it saves
 _resident: dict[tuple, int] = {}  # programs of one compiled chunk kernel that fit on one SM at once
-# the number of chunks chosen for a shape by _wave_splits, the most recent first out of the way; bounded,
-# for a cache that grows by a token at every step has a new shape at every step
+# the number of chunks _wave_splits chose for a shape, the least recently used dropped first: bounded,
+# since a cache that grows by a token at every step has a new shape at every step
 _wave_splits_chosen: OrderedDict[tuple, int] = OrderedDict()
 CHOICES_KEPT = 512
 
