@@ -8,8 +8,13 @@ from the same inputs. Each case passes when the largest error of o, dq, dk
 and dv is within twice that of PyTorch's own attention (SDPA in the same
 dtype, on the same device) against the same float64 result, plus a floor of
 one unit in the last place of the largest reference value (so that two
-tiny errors are not compared as a ratio). Whether the rows fit an A100's
-shared memory is tests/test_compile_sm80.py's job.
+tiny errors are not compared as a ratio). In float32 both kernels keep full
+precision and differ only in the order of their sums, whose rounding errors
+grow like the square root of the sum's length: there a case also passes
+within ``sqrt(K)`` units in the last place of the largest reference value,
+K the longest sum (max(i, j, d)); a kernel that rounded to TF32 or to half
+precision would be a thousand times further off. Whether the rows fit an
+A100's shared memory is tests/test_compile_sm80.py's job.
 
 Cases: head dimensions 64, 128 and 256 (each with its row) and 32 (served by
 the row of 64); bfloat16 and float16 (and float32 with its own table);
@@ -146,6 +151,8 @@ def run_case(case: Case, device: torch.device, seed: int) -> dict:
         sdpa_error = (sdpa[name].double() - ref).abs().max().item()
         floor = eps * ref.abs().max().item()
         limit = 2 * sdpa_error + floor
+        if dtype == torch.float32:  # summation order: sqrt(K) units in the last place
+            limit = max(limit, math.sqrt(max(case.i, case.j, case.d)) * floor)
         ok = error <= limit  # NaN fails
         passed &= ok
         record[name] = dict(error=error, sdpa_error=sdpa_error, floor=floor, limit=limit, passed=ok)

@@ -6,17 +6,21 @@
 What a chapter asks of the GPU through torch.cuda (capability, name, bfloat16 support, memory)
 answers as the emulated GPU would, and the memory a process may allocate is capped at the
 emulated size, so that a chapter that would run out of memory there runs out here. The kernels
-themselves still compile for the real GPU: this checks what the chapters and the package decide
-from the GPU they see, and their memory, not the smaller GPU's instructions or speed.
+themselves still compile for the real GPU: Triton and torch.compile (callers from the modules
+``triton``, ``torch._inductor`` and ``torch._dynamo``) are told the real capability, for a kernel
+built for sm75 or sm80 does not load on a Hopper GPU. So this checks what the chapters and the package
+decide from the GPU they see, and their memory, not the smaller GPU's instructions or speed.
 Used by scripts/emulated_gpu_run.sh on the GPU runner.
 """
 
 import os
+import sys
 
 _GPUS = {  # name, capability, memory in GiB, bfloat16
     "t4": ("Tesla T4", (7, 5), 15, False),
     "a100": ("NVIDIA A100-SXM4-40GB", (8, 0), 40, True),
 }
+_COMPILERS = ("triton.", "torch._inductor.", "torch._dynamo.")
 _which = os.environ.get("FLASHATTN_EMULATE_GPU", "").lower()
 
 if _which in _GPUS:
@@ -45,8 +49,22 @@ if _which in _GPUS:
             def __getattr__(self, attr):
                 return getattr(self._real, attr)
 
-        torch.cuda.get_device_properties = lambda device=None: _Properties(_real_properties(device))
-        torch.cuda.get_device_capability = lambda device=None: _capability
+        def _asked_by_compiler() -> bool:
+            # the caller of the patched function below: a compiler must build for the real GPU
+            return sys._getframe(2).f_globals.get("__name__", "").startswith(_COMPILERS)
+
+        def _get_device_properties(device=None):
+            real = _real_properties(device)
+            return real if _asked_by_compiler() else _Properties(real)
+
+        def _get_device_capability(device=None):
+            if _asked_by_compiler():
+                real = _real_properties(device)
+                return real.major, real.minor
+            return _capability
+
+        torch.cuda.get_device_properties = _get_device_properties
+        torch.cuda.get_device_capability = _get_device_capability
         torch.cuda.get_device_name = lambda device=None: f"{_name} (emulated)"
         torch.cuda.is_bf16_supported = lambda including_emulation=True: _bf16
         torch.cuda.mem_get_info = _mem_get_info
