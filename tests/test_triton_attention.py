@@ -28,7 +28,8 @@ import flashattn.triton.runtime as runtime_module
 from flashattn.triton.attention import _kernels, _TritonAttention, triton_forward
 from flashattn.triton.runtime import is_interpreted
 from flashattn.triton.launch import (
-    _FLOAT32, _TABLE, KernelConfigs, TileConfig, float32_table, forced_configs, launch_table, pick_configs, table_key,
+    _FLOAT32, _TABLE, KernelConfigs, TileConfig, check_capability, device_capability, float32_table, forced_configs,
+    launch_table, pick_configs, table_key,
 )
 from reference import reference_attention, reference_keep
 
@@ -341,6 +342,25 @@ def test_bad_input(shapes, dtype, error, words):
 def test_table_rows(monkeypatch, capability, head_dim, i, j, key):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     assert table_key(torch.device("cuda"), head_dim, i, j) == key
+
+
+def test_capability_is_asked_once_per_gpu_and_anew_when_replaced(monkeypatch):
+    asked = []
+
+    def hopper(device=None):
+        asked.append(device)
+        return (9, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", hopper)
+    gpu0, gpu1 = torch.device("cuda", 0), torch.device("cuda", 1)
+    assert [device_capability(d) for d in (gpu0, gpu0, gpu1, gpu0, gpu1)] == [(9, 0)] * 5
+    assert asked == [gpu0, gpu1]  # each GPU once
+    assert device_capability(torch.device("cuda")) == (9, 0) and len(asked) == 3  # no index: which GPU varies
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # as chapter 09 does
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert device_capability(gpu0) == (7, 5)
+    with pytest.raises(RuntimeError, match="has 7.5"):
+        check_capability(gpu0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

@@ -25,7 +25,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .launch import KernelConfigs
+from .launch import KernelConfigs, device_capability
 from .runtime import is_interpreted, launch, load_kernels
 
 TMA_ALIGNMENT = 16  # bytes: a descriptor's base address and row stride must be multiples of this
@@ -93,10 +93,17 @@ def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, 
     128, when every one of ``tensors`` fits a TMA descriptor.
     """
     key = (max(head_dim, 64), causal, "short" if max(i, j) <= HOPPER_SHORT else "long")
-    if not _enabled or key not in _HOPPER_TABLE or torch.cuda.get_device_capability(device)[0] != 9 or not tma_fits(*tensors):
+    if not _enabled or key not in _HOPPER_TABLE or device_capability(device)[0] != 9 or not tma_fits(*tensors):
         return configs
-    fwd, dkdv, dq = _HOPPER_TABLE[key]
-    return dataclasses.replace(configs, fwd=fwd or configs.fwd, dkdv=dkdv or configs.dkdv, dq=dq or configs.dq)
+    merged = _merged.get((configs, key))
+    if merged is None:  # the same few pairs on every call: built once
+        fwd, dkdv, dq = _HOPPER_TABLE[key]
+        merged = dataclasses.replace(configs, fwd=fwd or configs.fwd, dkdv=dkdv or configs.dkdv, dq=dq or configs.dq)
+        _merged[(configs, key)] = merged
+    return merged
+
+
+_merged: dict[tuple[KernelConfigs, tuple[int, bool, str]], KernelConfigs] = {}
 
 
 def _hopper_kernels() -> ModuleType:
@@ -117,7 +124,9 @@ def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
     (None: the current one): the block is allocated on it, so that the
     allocator reuses it only after the kernel's work on that stream.
     """
-    on_stream = stream is not None and stream != torch.cuda.current_stream().cuda_stream
+    # the current stream's handle, read as Triton's CUDA driver reads it: torch.cuda.current_stream() would
+    # build a Stream object on every launch, and this runs on every launch
+    on_stream = stream is not None and stream != torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
     with torch.cuda.stream(torch.cuda.ExternalStream(stream)) if on_stream else contextlib.nullcontext():
         buffer = torch.empty(size + alignment - 1, dtype=torch.int8, device="cuda")
     return aligned_view(buffer, size, alignment)

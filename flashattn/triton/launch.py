@@ -158,9 +158,32 @@ def kernel_operands(q: Tensor, k: Tensor, v: Tensor, interpreted: bool) -> tuple
     return fit_head_dim(q, head_dim), fit_head_dim(k, head_dim), fit_head_dim(v, head_dim_v)
 
 
+_capabilities: dict[tuple[object, int], tuple[int, int]] = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """``torch.cuda.get_device_capability(device)``, asked once per GPU.
+
+    A GPU's capability does not change, and asking torch costs microseconds
+    on every call. The answer is kept per function too, so that code which
+    replaces ``torch.cuda.get_device_capability`` (a test, or chapter 09
+    asking what a T4 would get) is answered by its replacement. A device
+    without an index (``torch.device("cuda")``) is asked each time: which GPU
+    it names depends on the current device.
+    """
+    ask = torch.cuda.get_device_capability
+    if device.index is None:
+        return tuple(ask(device))
+    key = (ask, device.index)
+    capability = _capabilities.get(key)
+    if capability is None:
+        capability = _capabilities[key] = tuple(ask(device))
+    return capability
+
+
 def check_capability(device: torch.device) -> tuple[int, int]:
     """Raise ``RuntimeError`` unless ``device`` is a GPU that the launch table serves (capability 8.0 or newer); return its capability."""
-    capability = torch.cuda.get_device_capability(device)
+    capability = device_capability(device)
     if capability < MIN_CAPABILITY:
         raise RuntimeError(
             f"triton_attention needs an NVIDIA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} "
@@ -175,7 +198,7 @@ def fits_kernels(device: torch.device, dtype: torch.dtype, d: int, d_v: int) -> 
     return (
         dtype in KERNEL_DTYPES
         and max(d, d_v) <= MAX_HEAD_DIM
-        and torch.cuda.get_device_capability(device) >= MIN_CAPABILITY
+        and device_capability(device) >= MIN_CAPABILITY
     )
 
 
