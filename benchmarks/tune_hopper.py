@@ -1,17 +1,20 @@
-"""What each Hopper change buys: the kernels of flashattn/triton/hopper_kernels.py against today's, kernel by kernel.
+"""What each Hopper change buys: TMA loads, and variants of them, against pointer loads, kernel by kernel.
 
 For every point of the grid (bf16, 16k tokens per batch, width 2048, d = 64
 and 128, causal and not, n from 1k to 16k) it times, through the harness of
 ``timing.py`` (every launch of the point interleaved, several rounds, each
 sample ``triton.testing.do_bench``'s median):
 
-- ``pointers``: today's kernels (``kernels.py``) at the launch table's configs:
-  the forward, and the backward's three passes;
-- ``tma``: the same algorithm with tiles moved by TMA descriptors
-  (``attn_fwd_tma_kernel``, ``attn_bwd_dkdv_tma_kernel``, ``attn_bwd_dq_tma_kernel``),
-  each at several launches, with and without warp-specialised loops;
+- ``pointers``: the kernels of ``flashattn/triton/kernels.py`` with pointer
+  loads, at the launch table's configs: the forward, and the backward's
+  three passes;
+- ``tma``: the same kernels with ``TMA=True``, their tiles moved by TMA
+  descriptors (``flashattn.triton.hopper``), each at several launches; and
+  the variants of ``hopper_variants.py``, which no launch of the package
+  uses: warp-specialised loops, and a forward that computes the next tile's
+  scores before this tile's exponentials;
 - ``fused``: the backward in one pass, dQ summed by atomic additions
-  (``attn_bwd_fused_kernel``), at several launches;
+  (``hopper_variants.attn_bwd_fused_kernel``), at several launches;
 - ``cudnn``: SDPA's cuDNN kernel, forward and forward + backward, as the anchor.
 
 Every candidate's output is compared with today's kernel's on the same
@@ -36,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import hopper_variants as variants
 from flashattn.triton import attention as pointers
 from flashattn.triton import hopper
 from flashattn.triton.hopper import HopperLaunch
 from flashattn.triton.launch import pick_configs
+from hopper_variants import VariantLaunch
 from runinfo import run_info
 from timing import ROUNDS, compare
 
@@ -48,13 +53,13 @@ TOKENS, WIDTH = 16384, 2048
 TOLERANCE = 1e-2  # relative difference from today's kernel: both round to bf16 (2^-8 relative) at the end
 
 
-def _launches(*rows: tuple) -> list[HopperLaunch]:
-    return [HopperLaunch(*row) for row in rows]
+def _launches(*rows: tuple) -> list[VariantLaunch]:
+    return [VariantLaunch(*row) for row in rows]
 
 
 # (block_q, block_k, num_warps, num_stages, warp_specialize[, overlap]); for dK/dV and the fused pass,
 # block_k is the tile a program owns and block_q the tile it streams
-CANDIDATES: dict[str, list[HopperLaunch]] = {
+CANDIDATES: dict[str, list[VariantLaunch]] = {
     "fwd": _launches(
         (128, 64, 4, 3, False), (128, 64, 8, 3, False), (128, 128, 8, 2, False), (128, 128, 8, 3, False),
         (64, 64, 4, 3, False), (128, 64, 8, 4, False), (64, 128, 4, 3, False),
@@ -91,15 +96,21 @@ def today(q, k, v, do, causal: bool, scale: float):
     return cfg, o, lse, delta, dq, dk, dv
 
 
-def candidate(kernel: str, cfg: HopperLaunch, q, k, v, do, lse, delta, causal: bool, scale: float):
-    """fn() running one candidate, whose results are (o,) or (dk, dv) or (dq,) or (dq, dk, dv)."""
+def candidate(kernel: str, cfg: VariantLaunch, q, k, v, do, lse, delta, causal: bool, scale: float):
+    """fn() running one candidate, whose results are (o,) or (dk, dv) or (dq,) or (dq, dk, dv).
+
+    A plain TMA launch runs the package's kernels (``TMA=True``); the others run ``hopper_variants``.
+    """
+    plain = not (cfg.warp_specialize or cfg.overlap)
+    path, launch = (hopper, HopperLaunch(cfg.block_q, cfg.block_k, cfg.num_warps, cfg.num_stages)) if plain \
+        else (variants, cfg)
     if kernel == "fwd":
-        return lambda: hopper.forward(q, k, v, causal, scale, cfg)[:1]
+        return lambda: path.forward(q, k, v, causal, scale, launch)[:1]
     if kernel == "dkdv":
-        return lambda: hopper.backward_dkdv(q, k, v, do, lse, delta, causal, scale, cfg)
+        return lambda: path.backward_dkdv(q, k, v, do, lse, delta, causal, scale, launch)
     if kernel == "dq":
-        return lambda: (hopper.backward_dq(q, k, v, do, lse, delta, causal, scale, cfg),)
-    return lambda: hopper.backward_fused(q, k, v, do, lse, delta, causal, scale, cfg)
+        return lambda: (path.backward_dq(q, k, v, do, lse, delta, causal, scale, launch),)
+    return lambda: variants.backward_fused(q, k, v, do, lse, delta, causal, scale, cfg)
 
 
 def compile_task(task: tuple) -> tuple[tuple, str | None]:
@@ -113,7 +124,7 @@ def compile_task(task: tuple) -> tuple[tuple, str | None]:
             today(*inputs(1, 16, 4096, d), causal, scale)
         else:
             _, o, lse, delta, *_ = today(q, k, v, do, causal, scale)
-            candidate(kernel, HopperLaunch(*row), q, k, v, do, lse, delta, causal, scale)()
+            candidate(kernel, VariantLaunch(*row), q, k, v, do, lse, delta, causal, scale)()
         torch.cuda.synchronize()
         return task, None
     except Exception as error:  # noqa: BLE001 - recorded, and the candidate is skipped

@@ -6,7 +6,7 @@ installs, one at a time, each triton that a torch release from 2.6 on pins
 (``TORCH_PINS``) and the newest one, into a temporary folder
 (``pip install --no-deps --target``), and in a subprocess that puts that
 folder first on ``sys.path`` compiles the pointer kernels for sm80 and
-sm90 and the TMA kernels of ``hopper_kernels.py`` for sm90, at the launches
+sm90 and the kernels with ``TMA=True`` for sm90, at the launches
 of the package's tables. It records, per (triton, target, kernel), whether
 every launch compiled and, if one did not, the first line of its error; the
 folders are deleted afterwards.
@@ -281,18 +281,16 @@ def decode_launches(head_dims: tuple[int, ...] = (64, 128, 256)) -> list[dict]:
 
 
 def tma_launches() -> list[dict]:
-    """The TMA kernels of ``hopper_kernels`` at each distinct launch of the Hopper table, causal."""
+    """The kernels with ``TMA=True`` at each distinct launch of the Hopper table, causal or not as its row."""
     from flashattn.triton.hopper import hopper_table
 
-    names = ("attn_fwd_tma_kernel", "attn_bwd_dkdv_tma_kernel", "attn_bwd_dq_tma_kernel")
+    names = ("attn_fwd_kernel", "attn_bwd_dkdv_kernel", "attn_bwd_dq_kernel")
     launches: dict[str, dict] = {}
     for (d, causal, _), row in hopper_table().items():
         for kernel, cfg in zip(names, row):
             if cfg is None:
                 continue
-            extra = dict(OVERLAP=cfg.overlap) if kernel == "attn_fwd_tma_kernel" else {}
-            spec = tile_launch("hopper_kernels", kernel, "bfloat16", d, cfg, CAUSAL=causal,
-                               WARP_SPECIALIZE=cfg.warp_specialize, **extra)
+            spec = tile_launch("kernels", kernel, "bfloat16", d, cfg, CAUSAL=causal, TMA=True)
             launches[json.dumps(spec, sort_keys=True)] = spec
     return list(launches.values())
 

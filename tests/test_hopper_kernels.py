@@ -1,15 +1,18 @@
-"""The Hopper kernels (TMA descriptors, warp-specialised loops, the fused backward) against the float64 reference.
+"""The kernels with ``TMA=True`` (tiles moved by TMA descriptors), and the Hopper variants of benchmarks/, against float64.
 
-They are called directly, through :mod:`flashattn.triton.hopper`, at
-several launches each, so that every kernel and both settings of
-``WARP_SPECIALIZE`` are checked whatever ``triton_attention`` picks. Without
-a GPU they run in Triton's interpreter on float16 CPU tensors (TMA moves
-16-bit tiles only); on a GPU of compute capability 9.x, compiled, in
-bfloat16, where their error must stay within twice that of PyTorch's own
-attention in the same dtype.
+They are called directly, through :mod:`flashattn.triton.hopper` and
+``benchmarks/hopper_variants.py`` (warp-specialised loops, the next tile's
+scores first, the fused backward), at several launches each, so that every
+kernel is checked whatever ``triton_attention`` picks. Without a GPU they run
+in Triton's interpreter on float16 CPU tensors (TMA moves 16-bit tiles only);
+on a GPU of compute capability 9.x, compiled, in bfloat16, where their error
+must stay within twice that of PyTorch's own attention in the same dtype.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,19 +25,29 @@ from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import is_interpreted
 from test_triton_attention import RATIO_FLOOR, TOLERANCE, errors, make_inputs, reference_with_grads, rel_error
 
-INTERPRETED = is_interpreted(hopper._hopper_kernels().attn_fwd_tma_kernel)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import hopper_variants as variants  # noqa: E402 - the variants live with the benchmark that times them
+from hopper_variants import VariantLaunch  # noqa: E402
+
+INTERPRETED = is_interpreted(variants.attn_fwd_tma_kernel)
 HOPPER = not INTERPRETED and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 on_cpu = pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
 on_hopper = pytest.mark.skipif(not HOPPER, reason="needs a GPU of compute capability 9.x")
 
 
-def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
-    """attention(q, k, v, causal, scale) -> o through the Hopper kernels, with their backward, for the tests."""
+def hopper_attention(fwd: HopperLaunch | VariantLaunch, bwd: HopperLaunch | VariantLaunch, fused: bool):
+    """attention(q, k, v, causal, scale) -> o through the TMA kernels, with their backward, for the tests.
+
+    A ``HopperLaunch`` runs the package's kernels with ``TMA=True``, a ``VariantLaunch`` the benchmark's variants.
+    """
+
+    def kernels(cfg):
+        return hopper if isinstance(cfg, HopperLaunch) else variants
 
     class Attention(torch.autograd.Function):
         @staticmethod
         def forward(ctx, q, k, v, causal, scale):
-            o, lse = hopper.forward(q, k, v, causal, scale, fwd)
+            o, lse = kernels(fwd).forward(q, k, v, causal, scale, fwd)
             ctx.save_for_backward(q, k, v, o, lse)
             ctx.causal, ctx.scale = causal, scale
             return o
@@ -46,10 +59,10 @@ def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
             delta = launch_backward_preprocess(o, do)
             args = (q, k, v, do, lse, delta, ctx.causal, ctx.scale, bwd)
             if fused:
-                dq, dk, dv = hopper.backward_fused(*args)
+                dq, dk, dv = variants.backward_fused(*args)
             else:
-                dk, dv = hopper.backward_dkdv(*args)
-                dq = hopper.backward_dq(*args)
+                dk, dv = kernels(bwd).backward_dkdv(*args)
+                dq = kernels(bwd).backward_dq(*args)
             return dq, dk, dv, None, None
 
     def attention(q, k, v, causal=False):
@@ -58,11 +71,12 @@ def hopper_attention(fwd: HopperLaunch, bwd: HopperLaunch, fused: bool):
     return attention
 
 
-# fwd launch, backward launch (block_q, block_k, warps, stages, warp-specialised), fused backward or three passes
+# fwd launch, backward launch (block_q, block_k, warps, stages[, warp-specialised]), fused backward or three passes
 CPU_LAUNCHES = [
-    (HopperLaunch(32, 16, 4, 1, False), HopperLaunch(16, 32, 4, 1, False), False),
-    (HopperLaunch(16, 32, 4, 1, True), HopperLaunch(32, 16, 4, 1, True), True),
-    (HopperLaunch(16, 16, 4, 1, False, overlap=True), HopperLaunch(16, 16, 4, 1, False), False),
+    (HopperLaunch(32, 16, 4, 1), HopperLaunch(16, 32, 4, 1), False),
+    (HopperLaunch(16, 32, 4, 1), HopperLaunch(32, 16, 4, 1), False),
+    (VariantLaunch(16, 32, 4, 1, True), VariantLaunch(32, 16, 4, 1, True), True),
+    (VariantLaunch(16, 16, 4, 1, False, overlap=True), VariantLaunch(16, 16, 4, 1, False), False),
 ]
 CPU_CASES = [
     # b, h, h_kv, i, j, d, d_v, causal
@@ -86,7 +100,7 @@ def test_matches_reference(fwd, bwd, fused, b, h, h_kv, i, j, d, d_v, causal):
 def test_rows_without_keys_are_zero():
     # i > j under the causal rule: the first i - j rows see no key; their output and dq must be exactly 0
     q, k, v, do = make_inputs(1, 2, 2, 60, 20, 16, 16, torch.float16, seed=3)
-    fwd, bwd, fused = CPU_LAUNCHES[1]
+    fwd, bwd, fused = CPU_LAUNCHES[0]
     o = hopper_attention(fwd, bwd, fused)(q, k, v, True)
     o.backward(do)
     assert torch.equal(o[:, :, :40], torch.zeros_like(o[:, :, :40]))
@@ -116,9 +130,9 @@ HOPPER_CASES = [
     (1, 16, 4, 3000, 3000, 128, True),
 ]
 HOPPER_LAUNCHES = [
-    (HopperLaunch(128, 64, 8, 3, False), HopperLaunch(64, 128, 8, 2, False), False),
-    (HopperLaunch(128, 128, 8, 3, True), HopperLaunch(64, 128, 8, 2, True), False),
-    (HopperLaunch(128, 64, 8, 3, False, overlap=True), HopperLaunch(64, 128, 8, 2, False), True),
+    (HopperLaunch(128, 64, 8, 3), HopperLaunch(64, 128, 8, 2), False),
+    (VariantLaunch(128, 128, 8, 3, True), VariantLaunch(64, 128, 8, 2, True), False),
+    (VariantLaunch(128, 64, 8, 3, False, overlap=True), VariantLaunch(64, 128, 8, 2, False), True),
 ]
 
 
@@ -142,8 +156,8 @@ def test_hopper_within_twice_pytorch_error(fwd, bwd, fused, b, h, h_kv, i, j, d,
 @pytest.mark.parametrize("causal", [False, True])
 def test_mixed_configs_match_reference(causal):
     # each kernel of one call may be a Hopper launch or a pointer one: _TritonAttention dispatches on the type
-    configs = KernelConfigs(fwd=HopperLaunch(32, 16, 4, 1, False), dkdv=TileConfig(16, 32, 4, 1),
-                            dq=HopperLaunch(32, 16, 4, 1, False))
+    configs = KernelConfigs(fwd=HopperLaunch(32, 16, 4, 1), dkdv=TileConfig(16, 32, 4, 1),
+                            dq=HopperLaunch(32, 16, 4, 1))
     q, k, v, do = make_inputs(1, 4, 2, 50, 70, 32, 32, torch.float16, seed=9)
     errs = errors(lambda q, k, v: _TritonAttention.apply(q, k, v, causal, 32**-0.5, configs), q, k, v, do, causal)
     assert max(errs.values()) < TOLERANCE[torch.float16], errs

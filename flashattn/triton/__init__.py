@@ -1,9 +1,9 @@
 """The package's Triton kernels: FlashAttention-2, split-KV decoding, and what loads and launches them.
 
-- :mod:`flashattn.triton.kernels`: the forward kernel and the backward's three kernels.
-- :mod:`flashattn.triton.hopper_kernels`, :mod:`flashattn.triton.hopper`: the same kernels
-  with their tiles moved by TMA descriptors, and when ``triton_attention`` takes them
-  (capability 9.x, where they were measured faster).
+- :mod:`flashattn.triton.kernels`: the forward kernel and the backward's three kernels,
+  their tiles loaded by pointers or (``TMA=True``) moved by TMA descriptors.
+- :mod:`flashattn.triton.hopper`: when ``triton_attention`` takes the TMA loads
+  (capability 9.x, where they were measured faster), and how it launches them.
 - :mod:`flashattn.triton.launch`: tile sizes, warps and stages per GPU and problem.
 - :mod:`flashattn.triton.attention`: ``triton_attention`` and ``triton_forward``.
 - :mod:`flashattn.triton.decode_kernels`, :mod:`flashattn.triton.decoding`: the

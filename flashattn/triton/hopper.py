@@ -1,14 +1,14 @@
-"""The launch of the Hopper kernels (:mod:`flashattn.triton.hopper_kernels`): when they apply, and how they are called.
+"""The kernels of :mod:`flashattn.triton.kernels` with ``TMA=True`` on Hopper: when they apply, and how they are called.
 
 ``triton_attention`` takes this path on GPUs of compute capability 9.x for
 float16 and bfloat16 inputs whose layout a TMA descriptor can describe
 (``tma_fits``), kernel by kernel: ``hopper_configs`` puts a Hopper launch in
 place of the launch table's where ``_HOPPER_TABLE`` below has one, and leaves the
-pointer kernel of :mod:`flashattn.triton.kernels` where it has none, because
-it was measured faster there. Every other call runs the kernels of
-:mod:`flashattn.triton.kernels`, as before. The kernels create their
+kernel with pointer loads (``TMA=False``) where it has none, because it was
+measured faster there. Every other call runs the kernels with pointer loads.
+The kernels create their
 descriptors on the GPU, in a small workspace of global memory that Triton
-asks for at each launch: ``_use_torch_allocator`` lets it come from
+asks for at each launch: ``use_torch_allocator`` lets it come from
 PyTorch's caching allocator (so it is recorded in a CUDA graph like any
 other tensor).
 """
@@ -34,32 +34,30 @@ TMA_DTYPES = (torch.float16, torch.bfloat16)
 
 @dataclass(frozen=True)
 class HopperLaunch:
-    """How one Hopper kernel is launched: tiles, warps, pipeline stages, and whether its loop is warp-specialised."""
+    """How one kernel is launched with its tiles moved by TMA: tiles, warps, pipeline stages."""
 
     block_q: int
     block_k: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool
-    overlap: bool = False  # forward only: the next tile's scores computed before this tile's exponentials
 
 
 _L = HopperLaunch
 # (padded head dimension, causal, length) -> launches of the forward, dK/dV and dQ kernels; None keeps
 # the pointer kernel at the launch table's config. "short": neither i nor j above HOPPER_SHORT. Chosen by
 # benchmarks/tune_hopper.py on the H200 (flashattn/results/hopper-steps-h200.json): a Hopper launch only
-# where it was at least as fast as the pointer kernel at every length of its row. Warp-specialised loops
-# never were, and are not used.
+# where it was at least as fast as the pointer kernel at every length of its row. Warp-specialised loops,
+# the next tile's scores computed early, and a fused backward never were (benchmarks/hopper_variants.py).
 HOPPER_SHORT = 1024  # not launch.SHORT: the Hopper rows were measured with their own split
 _HOPPER_TABLE: dict[tuple[int, bool, str], tuple[HopperLaunch | None, HopperLaunch | None, HopperLaunch | None]] = {
     (64, False, "short"): (None, None, None),
-    (64, False, "long"): (_L(128, 64, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+    (64, False, "long"): (_L(128, 64, 8, 3), None, _L(128, 64, 8, 3)),
     (64, True, "short"): (None, None, None),
-    (64, True, "long"): (None, _L(32, 64, 4, 3, False), None),
-    (128, False, "short"): (_L(64, 64, 4, 3, False), None, _L(128, 64, 8, 3, False)),
-    (128, False, "long"): (_L(128, 128, 8, 3, False), None, _L(128, 64, 8, 3, False)),
+    (64, True, "long"): (None, _L(32, 64, 4, 3), None),
+    (128, False, "short"): (_L(64, 64, 4, 3), None, _L(128, 64, 8, 3)),
+    (128, False, "long"): (_L(128, 128, 8, 3), None, _L(128, 64, 8, 3)),
     (128, True, "short"): (None, None, None),
-    (128, True, "long"): (_L(64, 64, 4, 3, False), None, _L(128, 64, 8, 3, False)),
+    (128, True, "long"): (_L(64, 64, 4, 3), None, _L(128, 64, 8, 3)),
 }
 _enabled = True
 
@@ -106,9 +104,9 @@ def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, 
 _merged: dict[tuple[KernelConfigs, tuple[int, bool, str]], KernelConfigs] = {}
 
 
-def _hopper_kernels() -> ModuleType:
-    """The Hopper kernel module, imported on first use."""
-    return load_kernels("hopper_kernels", "triton_attention")
+def _kernels() -> ModuleType:
+    """The kernel module, imported on first use."""
+    return load_kernels("kernels", "triton_attention")
 
 
 def aligned_view(buffer: Tensor, size: int, alignment: int) -> Tensor:
@@ -132,7 +130,7 @@ def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
     return aligned_view(buffer, size, alignment)
 
 
-def _use_torch_allocator() -> None:
+def use_torch_allocator() -> None:
     """Give Triton PyTorch's allocator for the descriptors' workspace, unless the program has set one of its own."""
     import triton
     from triton.runtime import _allocation
@@ -158,12 +156,12 @@ def tma_fits(*tensors: Tensor) -> bool:
 
 
 def _launch_tma(name: str, grid: tuple[int, int, int], cfg: HopperLaunch, *args: object, **kwargs: object) -> None:
-    """Launch the Hopper kernel ``name`` on ``grid`` with the tiles, warps and stages of ``cfg``."""
-    kernel = getattr(_hopper_kernels(), name)
+    """Launch the kernel ``name`` with ``TMA=True`` on ``grid`` with the tiles, warps and stages of ``cfg``."""
+    kernel = getattr(_kernels(), name)
     if not is_interpreted(kernel):  # the interpreter keeps its descriptors in host memory
-        _use_torch_allocator()
-    launch(kernel, grid, *args, **kwargs, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
-           WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        use_torch_allocator()
+    launch(kernel, grid, *args, **kwargs, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k, TMA=True,
+           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: HopperLaunch) -> tuple[Tensor, Tensor]:
@@ -172,11 +170,11 @@ def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: Ho
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
     lse = q.new_empty(b, h, i, dtype=torch.float32)
-    _launch_tma("attn_fwd_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+    _launch_tma("attn_fwd_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
          q, k, v, o, lse,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
          h // h_kv, i, j, scale * math.log2(math.e),
-         D=d, DV=d_v, CAUSAL=causal, OVERLAP=cfg.overlap)
+         D=d, DV=d_v, CAUSAL=causal)
     return o, lse
 
 
@@ -188,7 +186,7 @@ def backward_dkdv(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
-    _launch_tma("attn_bwd_dkdv_tma_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+    _launch_tma("attn_bwd_dkdv_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
          q, k, v, do, lse, delta, dk, dv,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
          h, h // h_kv, i, j, scale, scale * math.log2(math.e),
@@ -204,26 +202,10 @@ def backward_dq(
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     dq = q.new_empty(q.shape)
-    _launch_tma("attn_bwd_dq_tma_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
+    _launch_tma("attn_bwd_dq_kernel", (math.ceil(i / cfg.block_q), h, b), cfg,
          q, k, v, do, lse, delta, dq,
          *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
          h // h_kv, i, j, scale, scale * math.log2(math.e),
          D=d, DV=d_v, CAUSAL=causal)
     return dq
 
-
-def backward_fused(
-    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
-    cfg: HopperLaunch,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """dK, dV and dQ in one pass over the key tiles, dQ summed in float32 by atomic additions."""
-    b, h, i, d = q.shape
-    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
-    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
-    dq = torch.zeros(b, h, i, d, dtype=torch.float32, device=q.device)
-    _launch_tma("attn_bwd_fused_kernel", (math.ceil(j / cfg.block_k), h_kv, b), cfg,
-         q, k, v, do, lse, delta, dk, dv, dq,
-         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
-         h, h // h_kv, i, j, scale, scale * math.log2(math.e),
-         D=d, DV=d_v, CAUSAL=causal)
-    return (dq * scale).to(q.dtype), dk, dv

@@ -22,6 +22,17 @@ when ``c <= r + diag_offset`` with ``diag_offset = j - i``. Each kernel
 splits its loop in two stages: the tiles that every row may see in full,
 without any mask, and the tiles across the diagonal (or past the end of the
 sequence), where the mask is applied; tiles above the diagonal are skipped.
+
+Each kernel reads and writes its tiles in one of two ways, chosen by the
+constexpr ``TMA`` and written once, in ``matrix``, ``load_tile`` and
+``store_tile``. With ``TMA=False`` a tile is a block of pointers, loaded and
+stored with a mask for the rows past the end of the sequence. With
+``TMA=True`` (Hopper, 16-bit inputs) each matrix of a (batch, head) is
+described once by a tensor descriptor, and a tile is fetched by the Tensor
+Memory Accelerator, a copy engine that fills the rows past the end with zeros
+and stores none of them: what the masks did. A descriptor needs its base
+address and row stride to be multiples of 16 bytes, which the launch checks
+(``flashattn.triton.hopper.tma_fits``).
 """
 
 import triton
@@ -47,18 +58,56 @@ def tile_ptrs(base, start, stride, BLOCK: tl.constexpr, cols):
 
 
 @triton.jit
+def matrix(base, n, stride, BLOCK: tl.constexpr, COLS: tl.constexpr, TMA: tl.constexpr):
+    """What the tiles of the ``(n, COLS)`` matrix at ``base`` with row ``stride`` are read through.
+
+    With ``TMA``, a descriptor of the matrix that moves tiles of ``BLOCK``
+    rows; without, ``base`` itself, from which ``tile_ptrs`` makes pointers.
+    """
+    if TMA:
+        src = tl.make_tensor_descriptor(base, shape=[n, COLS], strides=[stride, 1], block_shape=[BLOCK, COLS])
+    else:
+        src = base
+    return src
+
+
+@triton.jit
+def load_tile(src, start, stride, BLOCK: tl.constexpr, cols, mask, TMA: tl.constexpr):
+    """Rows ``start .. start + BLOCK`` of the matrix that ``src`` reads: (BLOCK, cols), zero where ``mask`` is not.
+
+    ``src`` comes from ``matrix``. Pointers need the column indices
+    ``cols``, the row ``stride`` and the ``mask`` of rows in the matrix
+    (``(BLOCK, 1)``); a descriptor knows the shape and ignores them.
+    """
+    if TMA:
+        tile = src.load([start, 0])  # one copy by the TMA engine; rows past the end arrive as zeros
+    else:
+        tile = tl.load(tile_ptrs(src, start, stride, BLOCK, cols), mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def store_tile(src, start, stride, BLOCK: tl.constexpr, cols, value, mask, TMA: tl.constexpr):
+    """Write ``value`` (BLOCK, cols), cast to the matrix's dtype, to the rows ``start ..`` of ``src`` under ``mask``."""
+    if TMA:
+        src.store([start, 0], value.to(src.dtype))  # rows past the end are not written
+    else:
+        tl.store(tile_ptrs(src, start, stride, BLOCK, cols), value.to(src.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def fwd_stage(
     acc, m, l, q,
-    k_base, v_base, stride_kj, stride_vj,
+    k_src, v_src, stride_kj, stride_vj,
     offs_q, offs_d, offs_dv,
     lo, hi, j, diag_offset, qk_scale,
-    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """The inner loop of the forward: key tiles ``lo`` to ``hi`` into the online softmax of one query tile."""
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         # load K_c; rows past j read as zero and are masked below
-        k = tl.load(tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
+        k = load_tile(k_src, start_k, stride_kj, BLOCK_K, offs_d, mask=(offs_k < j)[:, None], TMA=TMA)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K), unscaled
         if MASKED:
             keep = (offs_k < j)[None, :]
@@ -78,7 +127,7 @@ def fwd_stage(
         # rescale what was summed under the old maximum: exp2(m - m_new) <= 1
         alpha = tl.math.exp2(m - m_shift)
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
+        v = load_tile(v_src, start_k, stride_vj, BLOCK_K, offs_dv, mask=(offs_k < j)[:, None], TMA=TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m = m_new
     return acc, m, l
@@ -107,7 +156,7 @@ def attn_fwd_kernel(
     stride_ob, stride_oh, stride_oi,
     g, i, j, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """O and lse for one tile of queries: grid (n_q_tiles, h, b)."""
     # -- setup: which query tile of which (batch, head) this program owns
@@ -122,30 +171,31 @@ def attn_fwd_kernel(
     offs_q = start_q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    k_src = matrix(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D, TMA)
+    v_src = matrix(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV, TMA)
     diag_offset = j - i
 
     # -- load Q_r once; it stays on chip while every key tile streams past
-    q = tl.load(tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d), mask=(offs_q < i)[:, None], other=0.0)
+    q = load_tile(matrix(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D, TMA),
+                  start_q, stride_qi, BLOCK_Q, offs_d, mask=(offs_q < i)[:, None], TMA=TMA)
     m = tl.full([BLOCK_Q], float("-inf"), dtype=tl.float32)  # running row maximum (base 2)
     l = tl.zeros([BLOCK_Q], dtype=tl.float32)  # running row sum of exp2(s - m)
     acc = tl.zeros([BLOCK_Q, DV], dtype=tl.float32)  # running, unnormalised P V
 
     # -- stage 1: key tiles every row sees in full; stage 2: across the diagonal or past j
     mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    acc, m, l = fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
-                           0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
-    acc, m, l = fwd_stage(acc, m, l, q, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
-                           mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
+    acc, m, l = fwd_stage(acc, m, l, q, k_src, v_src, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                           0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, TMA)
+    acc, m, l = fwd_stage(acc, m, l, q, k_src, v_src, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                           mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, TMA)
 
     # -- epilogue: normalise, and keep lse for the backward; a row with no key has acc = 0 and
     # m = -inf, so dividing by 1 instead of l = 0 gives o = 0 and lse = -inf (the log of an empty sum)
     l = tl.where(l == 0.0, 1.0, l)
     o = acc / l[:, None]
     lse = (m + tl.math.log2(l)) * LN2
-    o_ptrs = tile_ptrs(o_ptr + batch * stride_ob + head * stride_oh, start_q, stride_oi, BLOCK_Q, offs_dv)
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=(offs_q < i)[:, None])
+    store_tile(matrix(o_ptr + batch * stride_ob + head * stride_oh, i, stride_oi, BLOCK_Q, DV, TMA),
+               start_q, stride_oi, BLOCK_Q, offs_dv, o, mask=(offs_q < i)[:, None], TMA=TMA)
     lse_rows = lse_ptr + (batch * tl.num_programs(1) + head) * i + offs_q
     tl.store(lse_rows, lse, mask=offs_q < i)
 
@@ -187,10 +237,10 @@ def load_lse2(lse_base, offs_q, rows):
 @triton.jit
 def dkdv_stage(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+    q_src, do_src, lse_base, delta_base, stride_qi, stride_doi,
     offs_k, offs_d, offs_dv,
     lo, hi, i, diag_offset, qk_scale,
-    BLOCK_Q: tl.constexpr, MASKED: tl.constexpr,
+    BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
 ):
     """The inner loop of dK, dV: query tiles ``lo`` to ``hi`` of one head against one key tile.
 
@@ -200,14 +250,14 @@ def dkdv_stage(
     for start_q in range(lo, hi, BLOCK_Q):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
-        q = tl.load(tile_ptrs(q_base, start_q, stride_qi, BLOCK_Q, offs_d), mask=rows[:, None], other=0.0)
+        q = load_tile(q_src, start_q, stride_qi, BLOCK_Q, offs_d, mask=rows[:, None], TMA=TMA)
         lse2 = load_lse2(lse_base, offs_q, rows)
         # recompute P^T from the scores and the saved lse: no running max needed
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # (BLOCK_K, BLOCK_Q)
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
             p_t = tl.where(offs_k[:, None] <= offs_q[None, :] + diag_offset, p_t, 0.0)
-        do = tl.load(tile_ptrs(do_base, start_q, stride_doi, BLOCK_Q, offs_dv), mask=rows[:, None], other=0.0)
+        do = load_tile(do_src, start_q, stride_doi, BLOCK_Q, offs_dv, mask=rows[:, None], TMA=TMA)
         # dV += P^T dO
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         # dP^T = V dO^T, then dS^T = P^T * (dP^T - D): the softmax's backward, row by row
@@ -230,7 +280,7 @@ def attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvj,
     h, g, i, j, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """dK and dV for one tile of keys, summed over the g query heads that share it: grid (n_k_tiles, h_kv, b)."""
     # -- setup: which key tile of which (batch, key/value head) this program owns
@@ -244,10 +294,10 @@ def attn_bwd_dkdv_kernel(
 
     # -- load K_c and V_c once; dK_c and dV_c accumulate on chip
     cols = (offs_k < j)[:, None]
-    k = tl.load(tile_ptrs(k_ptr + batch * stride_kb + kv_head * stride_kh, start_k, stride_kj, BLOCK_K, offs_d),
-                mask=cols, other=0.0)
-    v = tl.load(tile_ptrs(v_ptr + batch * stride_vb + kv_head * stride_vh, start_k, stride_vj, BLOCK_K, offs_dv),
-                mask=cols, other=0.0)
+    k = load_tile(matrix(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D, TMA),
+                  start_k, stride_kj, BLOCK_K, offs_d, mask=cols, TMA=TMA)
+    v = load_tile(matrix(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV, TMA),
+                  start_k, stride_vj, BLOCK_K, offs_dv, mask=cols, TMA=TMA)
     dk = tl.zeros([BLOCK_K, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_K, DV], dtype=tl.float32)
 
@@ -260,40 +310,40 @@ def attn_bwd_dkdv_kernel(
         mid = 0
 
     for head in range(kv_head * g, kv_head * g + g):
-        q_base = q_ptr + batch * stride_qb + head * stride_qh
-        do_base = do_ptr + batch * stride_dob + head * stride_doh
+        q_src = matrix(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D, TMA)
+        do_src = matrix(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV, TMA)
         lse_base = lse_ptr + (batch * h + head) * i
         delta_base = delta_ptr + (batch * h + head) * i
         # stage 1: across the diagonal, masked (empty without the causal rule);
         # stage 2: below it, every query sees every key
-        dk, dv = dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+        dk, dv = dkdv_stage(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qi, stride_doi,
                              offs_k, offs_d, offs_dv, lo, mid, i, diag_offset, qk_scale,
-                             BLOCK_Q, True)
-        dk, dv = dkdv_stage(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qi, stride_doi,
+                             BLOCK_Q, True, TMA)
+        dk, dv = dkdv_stage(dk, dv, k, v, q_src, do_src, lse_base, delta_base, stride_qi, stride_doi,
                              offs_k, offs_d, offs_dv, mid, i, i, diag_offset, qk_scale,
-                             BLOCK_Q, False)
+                             BLOCK_Q, False, TMA)
 
     # -- epilogue: dS was taken with respect to the scaled scores, so dK carries the scale once
     dk = dk * scale
-    tl.store(tile_ptrs(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, start_k, stride_dkj, BLOCK_K, offs_d),
-             dk.to(dk_ptr.dtype.element_ty), mask=cols)
-    tl.store(tile_ptrs(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, start_k, stride_dvj, BLOCK_K, offs_dv),
-             dv.to(dv_ptr.dtype.element_ty), mask=cols)
+    store_tile(matrix(dk_ptr + batch * stride_dkb + kv_head * stride_dkh, j, stride_dkj, BLOCK_K, D, TMA),
+               start_k, stride_dkj, BLOCK_K, offs_d, dk, mask=cols, TMA=TMA)
+    store_tile(matrix(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV, TMA),
+               start_k, stride_dvj, BLOCK_K, offs_dv, dv, mask=cols, TMA=TMA)
 
 
 @triton.jit
 def dq_stage(
     dq, q, do, lse2, delta,
-    k_base, v_base, stride_kj, stride_vj,
+    k_src, v_src, stride_kj, stride_vj,
     offs_q, offs_d, offs_dv,
     lo, hi, j, diag_offset, qk_scale,
-    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr,
 ):
     """The inner loop of dQ: key tiles ``lo`` to ``hi`` against one query tile."""
     for start_k in range(lo, hi, BLOCK_K):
         offs_k = start_k + tl.arange(0, BLOCK_K)
-        k = tl.load(tile_ptrs(k_base, start_k, stride_kj, BLOCK_K, offs_d), mask=(offs_k < j)[:, None], other=0.0)
-        v = tl.load(tile_ptrs(v_base, start_k, stride_vj, BLOCK_K, offs_dv), mask=(offs_k < j)[:, None], other=0.0)
+        k = load_tile(k_src, start_k, stride_kj, BLOCK_K, offs_d, mask=(offs_k < j)[:, None], TMA=TMA)
+        v = load_tile(v_src, start_k, stride_vj, BLOCK_K, offs_dv, mask=(offs_k < j)[:, None], TMA=TMA)
         # recompute P from the scores and the saved lse
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_Q, BLOCK_K)
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
@@ -320,7 +370,7 @@ def attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqi,
     g, i, j, scale, qk_scale,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-    CAUSAL: tl.constexpr,
+    CAUSAL: tl.constexpr, TMA: tl.constexpr = False,
 ):
     """dQ for one tile of queries: grid (n_q_tiles, h, b)."""
     # -- setup: as in the forward, the longest rows first
@@ -334,16 +384,16 @@ def attn_bwd_dq_kernel(
     offs_q = start_q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, D)
     offs_dv = tl.arange(0, DV)
-    k_base = k_ptr + batch * stride_kb + kv_head * stride_kh
-    v_base = v_ptr + batch * stride_vb + kv_head * stride_vh
+    k_src = matrix(k_ptr + batch * stride_kb + kv_head * stride_kh, j, stride_kj, BLOCK_K, D, TMA)
+    v_src = matrix(v_ptr + batch * stride_vb + kv_head * stride_vh, j, stride_vj, BLOCK_K, DV, TMA)
     diag_offset = j - i
 
     # -- load Q_r, dO_r, lse_r and D_r once
     rows = offs_q < i
-    q = tl.load(tile_ptrs(q_ptr + batch * stride_qb + head * stride_qh, start_q, stride_qi, BLOCK_Q, offs_d),
-                mask=rows[:, None], other=0.0)
-    do = tl.load(tile_ptrs(do_ptr + batch * stride_dob + head * stride_doh, start_q, stride_doi, BLOCK_Q, offs_dv),
-                 mask=rows[:, None], other=0.0)
+    q = load_tile(matrix(q_ptr + batch * stride_qb + head * stride_qh, i, stride_qi, BLOCK_Q, D, TMA),
+                  start_q, stride_qi, BLOCK_Q, offs_d, mask=rows[:, None], TMA=TMA)
+    do = load_tile(matrix(do_ptr + batch * stride_dob + head * stride_doh, i, stride_doi, BLOCK_Q, DV, TMA),
+                   start_q, stride_doi, BLOCK_Q, offs_dv, mask=rows[:, None], TMA=TMA)
     head_rows = (batch * tl.num_programs(1) + head) * i  # where this head's lse and delta start
     lse2 = load_lse2(lse_ptr + head_rows, offs_q, rows)
     delta = tl.load(delta_ptr + head_rows + offs_q, mask=rows, other=0.0)
@@ -351,12 +401,12 @@ def attn_bwd_dq_kernel(
 
     # -- the same two stages as the forward
     mid, hi = key_range(start_q, j, diag_offset, BLOCK_Q, BLOCK_K, CAUSAL)
-    dq = dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
-                   0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL)
-    dq = dq_stage(dq, q, do, lse2, delta, k_base, v_base, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
-                   mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL)
+    dq = dq_stage(dq, q, do, lse2, delta, k_src, v_src, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                   0, mid, j, diag_offset, qk_scale, BLOCK_K, False, CAUSAL, TMA)
+    dq = dq_stage(dq, q, do, lse2, delta, k_src, v_src, stride_kj, stride_vj, offs_q, offs_d, offs_dv,
+                   mid, hi, j, diag_offset, qk_scale, BLOCK_K, True, CAUSAL, TMA)
 
     # -- epilogue
     dq = dq * scale
-    tl.store(tile_ptrs(dq_ptr + batch * stride_dqb + head * stride_dqh, start_q, stride_dqi, BLOCK_Q, offs_d),
-             dq.to(dq_ptr.dtype.element_ty), mask=rows[:, None])
+    store_tile(matrix(dq_ptr + batch * stride_dqb + head * stride_dqh, i, stride_dqi, BLOCK_Q, D, TMA),
+               start_q, stride_dqi, BLOCK_Q, offs_d, dq, mask=rows[:, None], TMA=TMA)

@@ -1,6 +1,6 @@
 """How the package's Triton kernels are loaded and launched, on a GPU or through Triton's interpreter.
 
-Each kernel module (``kernels``, ``decode_kernels``, ``hopper_kernels``) is
+Each kernel module (``kernels``, ``decode_kernels``) is
 imported on its first use, so that ``flashattn`` works without triton. When
 ``TRITON_INTERPRET=1`` was set before that import, the kernels are defined
 for Triton's interpreter and run as numpy code on CPU tensors.

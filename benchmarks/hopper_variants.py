@@ -1,40 +1,58 @@
-"""The FlashAttention-2 kernels for Hopper: tiles moved by the Tensor Memory Accelerator, loops warp-specialised.
+"""The Hopper variants that no launch of the package uses, kept to re-run their measurements (tune_hopper.py).
 
-The algorithm, the grids, the layouts and the causal rule are those of
-:mod:`flashattn.triton.kernels`, and so are the key ranges and the two
-stages of each loop (``key_range``, ``load_lse2``). Two things differ.
+``flashattn.triton.kernels`` with ``TMA=True`` is what ``triton_attention``
+launches on Hopper. These kernels are that algorithm with its tiles moved by
+TMA and one change each, measured in ``flashattn/results/hopper-steps-h200.json``
+and discussed in chapter 10; none was faster where it mattered:
 
-- **Loads and stores by TMA.** Each program describes the matrices of its
-  (batch, head) once, with ``tl.make_tensor_descriptor``: base address,
-  shape ``(rows, D)``, row stride, tile shape. A tile is then fetched by one
-  ``desc.load([row, 0])``, which the compiler turns into a TMA copy from HBM
-  into shared memory. The copy engine fills the rows past the end of the
-  matrix with zeros, and a ``desc.store`` writes none of them, which is what
-  the masks of ``tl.load`` and ``tl.store`` did for ragged lengths. A
-  descriptor needs its base address and row stride to be multiples of 16
-  bytes; the launch checks that before it picks these kernels.
 - **Warp specialisation.** With ``WARP_SPECIALIZE``, the key (or query)
   loop is a ``tl.range(..., warp_specialize=True)``: the compiler gives the
   TMA copies of the coming tiles to a producer warp, and the products and
   the softmax to consumer warps, which wait on barriers in shared memory
   instead of issuing loads themselves.
+- **The next tile's scores first** (``OVERLAP``, forward only): ``S = Q K^T``
+  of the next key tile issued before the exponentials of the current one.
+- **A fused backward** (``attn_bwd_fused_kernel``): dK, dV and dQ in one pass
+  over each key tile, dQ added in float32 with atomic additions. It does five
+  products per tile pair where the two passes do seven, at the price of the
+  atomics and of a result that may differ in the last bits from one run to
+  the next.
 
-The backward has the three passes of ``kernels`` (delta, dK/dV, dQ) and a
-fourth form, ``attn_bwd_fused_kernel``: dK, dV and dQ in one pass over each
-key tile, dQ added in float32 with atomic additions. It does five products
-per tile pair where the two passes do seven, at the price of the atomics
-and of a result that may differ in the last bits from one run to the next.
+Grids, layouts and arguments are those of the package's kernels, and
+``forward``, ``backward_dkdv``, ``backward_dq`` and ``backward_fused`` launch
+them as ``flashattn.triton.hopper`` launches its own.
 """
 
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .kernels import LN2, key_range, load_lse2
+from flashattn.triton.hopper import use_torch_allocator
+from flashattn.triton.kernels import LN2, key_range, load_lse2
+from flashattn.triton.runtime import is_interpreted, launch
+
+
+@dataclass(frozen=True)
+class VariantLaunch:
+    """How one variant is launched: tiles, warps, pipeline stages, warp-specialised loop, next scores first."""
+
+    block_q: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    warp_specialize: bool
+    overlap: bool = False  # forward only: the next tile's scores computed before this tile's exponentials
 
 
 @triton.jit
 def tma_descriptor(base, n, stride, BLOCK: tl.constexpr, COLS: tl.constexpr):
-    """A TMA descriptor of the ``(n, COLS)`` matrix at ``base`` with row ``stride``, fetched in tiles of ``BLOCK`` rows."""
+    """A TMA descriptor of the ``(n, COLS)`` matrix at ``base`` with row ``stride``, in tiles of ``BLOCK`` rows."""
     return tl.make_tensor_descriptor(base, shape=[n, COLS], strides=[stride, 1], block_shape=[BLOCK, COLS])
 
 
@@ -46,7 +64,7 @@ def fwd_stage_tma(
     lo, hi, j, diag_offset, qk_scale,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels.fwd_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` into one query tile."""
+    """``kernels.fwd_stage`` (TMA), maybe warp-specialised: keys ``lo`` to ``hi``, one query tile."""
     for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         k = k_desc.load([start_k, 0])  # rows past j arrive as zeros, and are masked below
@@ -158,7 +176,7 @@ def dkdv_stage_tma(
     lo, hi, i, diag_offset, qk_scale,
     BLOCK_Q: tl.constexpr, MASKED: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels.dkdv_stage`` with its tiles fetched by TMA: query tiles ``lo`` to ``hi`` against one key tile."""
+    """``kernels.dkdv_stage`` (TMA), maybe warp-specialised: queries ``lo`` to ``hi``, one key tile."""
     for start_q in tl.range(lo, hi, BLOCK_Q, warp_specialize=WARP_SPECIALIZE):
         offs_q = start_q + tl.arange(0, BLOCK_Q)
         rows = offs_q < i
@@ -179,7 +197,7 @@ def dkdv_stage_tma(
 
 @triton.jit
 def dkdv_range(start_k, i, diag_offset, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr, CAUSAL: tl.constexpr):
-    """The query tiles of one key tile, as in ``kernels.attn_bwd_dkdv_kernel``: none before lo, masked to mid, full after."""
+    """The query tiles of one key tile, as ``kernels.attn_bwd_dkdv_kernel``: none before lo, masked to mid."""
     if CAUSAL:
         lo = tl.maximum(start_k - diag_offset, 0) // BLOCK_Q * BLOCK_Q
         mid = tl.minimum(tl.cdiv(tl.maximum(start_k + BLOCK_K - 1 - diag_offset, 0), BLOCK_Q) * BLOCK_Q, i)
@@ -240,7 +258,7 @@ def dq_stage_tma(
     lo, hi, j, diag_offset, qk_scale,
     BLOCK_K: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    """``kernels.dq_stage`` with its tiles fetched by TMA: key tiles ``lo`` to ``hi`` against one query tile."""
+    """``kernels.dq_stage`` (TMA), maybe warp-specialised: keys ``lo`` to ``hi``, one query tile."""
     for start_k in tl.range(lo, hi, BLOCK_K, warp_specialize=WARP_SPECIALIZE):
         offs_k = start_k + tl.arange(0, BLOCK_K)
         k = k_desc.load([start_k, 0])
@@ -380,3 +398,73 @@ def attn_bwd_fused_kernel(
         [start_k, 0], dk.to(dk_ptr.dtype.element_ty))
     tma_descriptor(dv_ptr + batch * stride_dvb + kv_head * stride_dvh, j, stride_dvj, BLOCK_K, DV).store(
         [start_k, 0], dv.to(dv_ptr.dtype.element_ty))
+
+
+def _launch(kernel: object, grid: tuple[int, int, int], cfg: VariantLaunch, *args: object, **kwargs: object) -> None:
+    if not is_interpreted(kernel):  # the interpreter keeps its descriptors in host memory
+        use_torch_allocator()
+    launch(kernel, grid, *args, **kwargs, BLOCK_Q=cfg.block_q, BLOCK_K=cfg.block_k,
+           WARP_SPECIALIZE=cfg.warp_specialize, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def forward(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: VariantLaunch) -> tuple[Tensor, Tensor]:
+    """The forward variant: ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    o = q.new_empty(b, h, i, d_v)
+    lse = q.new_empty(b, h, i, dtype=torch.float32)
+    _launch(attn_fwd_tma_kernel, (math.ceil(i / cfg.block_q), h, b), cfg,
+            q, k, v, o, lse,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *o.stride()[:3],
+            h // h_kv, i, j, scale * math.log2(math.e),
+            D=d, DV=d_v, CAUSAL=causal, OVERLAP=cfg.overlap)
+    return o, lse
+
+
+def backward_dkdv(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: VariantLaunch,
+) -> tuple[Tensor, Tensor]:
+    """The dK/dV pass: ``dk`` (b, h_kv, j, d) and ``dv`` (b, h_kv, j, d_v)."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    _launch(attn_bwd_dkdv_tma_kernel, (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+            q, k, v, do, lse, delta, dk, dv,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            h, h // h_kv, i, j, scale, scale * math.log2(math.e),
+            D=d, DV=d_v, CAUSAL=causal)
+    return dk, dv
+
+
+def backward_dq(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: VariantLaunch,
+) -> Tensor:
+    """The dQ pass: ``dq`` (b, h, i, d)."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dq = q.new_empty(q.shape)
+    _launch(attn_bwd_dq_tma_kernel, (math.ceil(i / cfg.block_q), h, b), cfg,
+            q, k, v, do, lse, delta, dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dq.stride()[:3],
+            h // h_kv, i, j, scale, scale * math.log2(math.e),
+            D=d, DV=d_v, CAUSAL=causal)
+    return dq
+
+
+def backward_fused(
+    q: Tensor, k: Tensor, v: Tensor, do: Tensor, lse: Tensor, delta: Tensor, causal: bool, scale: float,
+    cfg: VariantLaunch,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dK, dV and dQ in one pass over the key tiles, dQ summed in float32 by atomic additions: (dq, dk, dv)."""
+    b, h, i, d = q.shape
+    h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
+    dk, dv = k.new_empty(k.shape), v.new_empty(v.shape)
+    dq = torch.zeros(b, h, i, d, dtype=torch.float32, device=q.device)
+    _launch(attn_bwd_fused_kernel, (math.ceil(j / cfg.block_k), h_kv, b), cfg,
+            q, k, v, do, lse, delta, dk, dv, dq,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *dk.stride()[:3], *dv.stride()[:3],
+            h, h // h_kv, i, j, scale, scale * math.log2(math.e),
+            D=d, DV=d_v, CAUSAL=causal)
+    return (dq * scale).to(q.dtype), dk, dv
