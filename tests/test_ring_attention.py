@@ -345,6 +345,35 @@ def test_triton_block_kernel_matches_float64(scale, causal, i, j):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_blocks_take_the_hopper_launch_of_their_causal_rule(monkeypatch, causal):
+    """A causal block is prepared as causal, so that on Hopper it gets the causal row of the Hopper table."""
+    from flashattn.triton import attention, hopper
+    from flashattn.triton.launch import KernelConfigs, TileConfig
+
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    x = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    base = KernelConfigs(TileConfig(1, 1, 1, 1), TileConfig(2, 2, 2, 2), TileConfig(3, 3, 3, 3))
+    chosen = []
+
+    def kernel_inputs(q, prepared, causal=False):
+        # what the launch on an H100 would be for a long block under the rule the block was prepared with
+        chosen.append(hopper.hopper_configs(base, torch.device("cuda", 0), 128, causal, 4096, 4096, x, x, x))
+        raise RuntimeError("stop before the kernels")
+
+    monkeypatch.setattr(attention, "kernel_inputs", kernel_inputs)
+    q = torch.randn(1, 2, 8, 16)
+    with pytest.raises(RuntimeError, match="stop before the kernels"):
+        block_forward(q, q, q, causal, 0.25, "triton")
+    with pytest.raises(RuntimeError, match="stop before the kernels"):
+        block_backward(q, q, q, q, q, q[..., 0], causal, 0.25, "triton")
+    fwd, dkdv, dq = hopper.hopper_table()[(128, causal, "long")]
+    want = KernelConfigs(fwd or base.fwd, dkdv or base.dkdv, dq or base.dq)
+    assert chosen == [want, want]
+    assert hopper.hopper_table()[(128, True, "long")] != hopper.hopper_table()[(128, False, "long")]
+
+
 @on_cuda
 @pytest.mark.parametrize("kernel", ["cudnn", "flash", "triton"])
 @pytest.mark.parametrize("causal, i, j", [(True, 256, 256), (False, 128, 256)])
