@@ -61,7 +61,7 @@ from accuracy import (  # noqa: E402
     ulp_report,
 )
 from flashattn import triton_attention  # noqa: E402
-from flashattn.triton import hopper  # noqa: E402
+from flashattn.triton import fa3, hopper  # noqa: E402
 from flashattn.triton.launch import KernelConfigs, TileConfig, launch_table, table_key, use_rows  # noqa: E402
 from plot_triton import backend_name, headline, speed_ratios  # noqa: E402
 from runinfo import attention_kernels, run_info  # noqa: E402
@@ -70,6 +70,8 @@ from timing import ROUNDS, compare  # noqa: E402
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
 PROVIDERS = ("triton", "triton_pointers", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
+# named with --providers only: the Gluon forward (Hopper, bf16/fp16, d = 64 or 128) with the Triton backward
+OPTIONAL_PROVIDERS = ("fa3_gluon",)
 MODES = ("fwd", "fwd_bwd")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 QUICK = dict(n=[1024], d=[64], rep=20)
@@ -109,6 +111,8 @@ def attention(provider: str, causal: bool, n: int) -> Callable[..., torch.Tensor
             with hopper.tma_kernels(False):
                 return triton_attention(q, k, v, causal=causal)
         return pointers
+    if provider == "fa3_gluon":
+        return lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal)
     if provider == "sdpa_default":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if provider in BACKENDS:
@@ -202,8 +206,9 @@ def main() -> None:
                         help="smoke test: n = 1024, d = 64, without flex unless --providers names it, rep 20 ms")
     parser.add_argument("--n", type=int, nargs="+", help="lengths (default: 1024 2048 4096 8192 16384)")
     parser.add_argument("--d", type=int, nargs="+", help="head dimensions (default: 64 128)")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS,
-                        help=f"default: all ({' '.join(PROVIDERS)}); with --quick all but flex")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS + OPTIONAL_PROVIDERS,
+                        help=f"default: all ({' '.join(PROVIDERS)}); with --quick all but flex; "
+                             f"named only: {' '.join(OPTIONAL_PROVIDERS)} (Hopper)")
     parser.add_argument("--table", help="a tune_triton.py JSON whose proposal replaces this GPU's table rows")
     parser.add_argument("--jobs", type=int, default=0, help="processes that compile everything first")
     parser.add_argument("--warm-only", action="store_true", help="compile (with --jobs) and stop")

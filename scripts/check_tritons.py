@@ -96,8 +96,25 @@ def kernel_modules() -> types.ModuleType:
     return package
 
 
-def kernel_arguments(kernel: object, dtype: str, ints: dict) -> list:
-    """The non-constexpr arguments of ``kernel``, by parameter name, as a launch of inputs in ``dtype`` passes them."""
+def tile_descriptor(dtype: str, rows: int, head_dim: int) -> object:
+    """A Gluon TMA descriptor of a (b, heads, 4096, head_dim) tensor in ``dtype`` whose box is (1, 1, rows, head_dim)."""
+    import torch
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    t = torch.empty(1, 1, 1, head_dim, dtype=getattr(torch, dtype)).expand(2, 8, 4096, head_dim)
+    block = [1, 1, rows, head_dim]
+    layout = gl.NVMMASharedLayout.get_default_for(block, getattr(gl, dtype))
+    strides = [8 * 4096 * head_dim, 4096 * head_dim, head_dim, 1]  # contiguous, as the descriptor describes it
+    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+
+
+def kernel_arguments(kernel: object, dtype: str, ints: dict, boxes: dict | None = None) -> list:
+    """The non-constexpr arguments of ``kernel``, by parameter name, as a launch of inputs in ``dtype`` passes them.
+
+    ``boxes`` maps a descriptor parameter (``q_desc``) to the (rows, head
+    dimension) of its tile, for the Gluon kernel.
+    """
     import torch
 
     args = []
@@ -105,7 +122,9 @@ def kernel_arguments(kernel: object, dtype: str, ints: dict) -> list:
         name = param.name
         if param.is_constexpr:
             continue
-        if name.endswith("_ptr"):
+        if name.endswith("_desc"):
+            args.append(tile_descriptor(dtype, *boxes[name]))
+        elif name.endswith("_ptr"):
             kind = "float32" if name in FLOAT32_POINTERS else "int32" if name == "lens_ptr" else dtype
             args.append(torch.empty(16, dtype=getattr(torch, kind)))  # 64-byte aligned, as on the GPU
         elif name.startswith("stride_"):
@@ -161,7 +180,8 @@ def compile_launches(launches: list[dict], arch: int) -> list[dict]:
         result = dict(spec, compiled=False, error=None, shared=None, registers=None, stack=None)
         try:
             kernel = getattr(importlib.import_module(f"{package.__name__}.{spec['module']}"), spec["kernel"])
-            compiled = kernel.warmup(*kernel_arguments(kernel, spec["dtype"], spec.get("ints", {})), grid=(1,),
+            args = kernel_arguments(kernel, spec["dtype"], spec.get("ints", {}), spec.get("boxes"))
+            compiled = kernel.warmup(*args, grid=(1,),
                                      **spec["constexprs"], num_warps=spec["num_warps"],
                                      num_stages=spec["num_stages"])
             result.update(compiled=True, shared=compiled.metadata.shared, **resource_usage(compiled.asm["cubin"]))
@@ -293,6 +313,16 @@ def tma_launches() -> list[dict]:
             spec = tile_launch("kernels", kernel, "bfloat16", d, cfg, CAUSAL=causal, TMA=True)
             launches[json.dumps(spec, sort_keys=True)] = spec
     return list(launches.values())
+
+
+def fa3_launches() -> list[dict]:
+    """The Gluon forward (``fa3_kernels``) at its launch: each head dimension, 16-bit dtype and causal rule."""
+    from flashattn.triton import fa3
+
+    return [dict(module="fa3_kernels", kernel="fa3_fwd_kernel", dtype=dtype,
+                 boxes=dict(q_desc=(fa3.BLOCK_M, d), k_desc=(fa3.BLOCK_N, d), v_desc=(fa3.BLOCK_N, d)),
+                 constexprs=dict(CAUSAL=causal, STAGES=fa3.STAGES), num_warps=4, num_stages=1)
+            for d in fa3.HEAD_DIMS for dtype in ("bfloat16", "float16") for causal in (False, True)]
 
 
 def version_check_launches() -> dict[int, list[dict]]:

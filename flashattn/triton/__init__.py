@@ -11,6 +11,9 @@
 - :mod:`flashattn.triton.runtime`: loading the kernel modules, launching on a GPU
   or through Triton's interpreter.
 - :mod:`flashattn.triton.empty_rows`: zeroing the output rows that have no key.
+- :mod:`flashattn.triton.fa3_kernels`, :mod:`flashattn.triton.fa3`: FlashAttention-3's
+  forward on Hopper in Gluon (a producer warp feeding a consumer warpgroup through
+  mbarriers), and its launch; not yet chosen by ``triton_attention``.
 
 Importing this package does not import triton: the kernels are imported on
 the first call, so ``flashattn`` works without triton installed.

@@ -1,0 +1,133 @@
+"""FlashAttention-3's forward on Hopper (the Gluon kernel of ``fa3_kernels``), from Python.
+
+:func:`fa3_forward` returns ``(o, lse)`` as :func:`~flashattn.triton.triton_forward`
+does, so that the Triton backward (:func:`~flashattn.triton.attention.triton_backward`)
+takes its output. :func:`fa3_unsupported` says in one line why it cannot take
+given inputs here, or None when it can.
+
+Gluon is Triton's lower-level language, experimental, and its API moves
+between releases (``tma.async_copy_global_to_shared`` became
+``tma.async_load`` after 3.6), so the kernel is used only with the triton
+versions in ``GLUON_TRITONS``: with each, it compiles for sm90 without a
+spill (tests/test_fa3.py). Gluon has no CPU interpreter; the kernel runs on
+a Hopper GPU only, where tests/test_fa3.py checks it against float64.
+``triton_attention`` does not dispatch to it: that waits for its measured
+speed against the Triton kernels, kernel by kernel, as the Hopper table's
+rows were chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from ..inputs import check_flag, prepare
+from .hopper import TMA_DTYPES, tma_fits
+from . import runtime
+
+GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles the kernel for sm90
+HEAD_DIMS = (64, 128)
+BLOCK_M = 64  # query rows per program: one consumer warpgroup's WGMMA tile
+BLOCK_N = 128  # keys per tile
+STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
+
+
+def fa3_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why :func:`fa3_forward` cannot run on these inputs here, in one line; None when it can.
+
+    ``q`` (b, h, i, d), ``k`` and ``v`` (b, h_kv, j, d), as the kernels take them.
+    """
+    version = runtime._installed_triton()
+    if version is None or runtime._parse(version) not in GLUON_TRITONS:
+        tested = ", ".join(f"{major}.{minor}" for major, minor in GLUON_TRITONS)
+        return f"the Gluon kernel is built with triton {tested} only; found {runtime._found()}"
+    if q.dtype not in TMA_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return f"the Gluon kernel takes float16 or bfloat16, all three alike; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+    d, d_v = q.shape[-1], v.shape[-1]
+    if d not in HEAD_DIMS or d_v != d:
+        return f"the Gluon kernel takes d = d_v in {HEAD_DIMS}; got d = {d}, d_v = {d_v}"
+    if not tma_fits(q, k, v):
+        return ("TMA descriptors need a last stride of 1 and every other stride and the base address on 16 bytes; "
+                f"got strides q {tuple(q.stride())}, k {tuple(k.stride())}, v {tuple(v.stride())}")
+    if q.device.type != "cuda":
+        return f"the Gluon kernel runs on a Hopper GPU (Gluon has no CPU interpreter), got q on {q.device}"
+    capability = torch.cuda.get_device_capability(q.device)
+    if capability[0] != 9:
+        return f"the Gluon kernel uses WGMMA and TMA, which need compute capability 9.x; this GPU has {capability[0]}.{capability[1]}"
+    return None
+
+
+def _kernels() -> ModuleType:
+    return importlib.import_module(f"{__package__}.fa3_kernels")
+
+
+def _descriptor(t: Tensor, rows: int) -> object:
+    """A TMA descriptor of ``t`` (b, heads, n, d) whose box is one tile: (1, 1, rows, d)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    block = [1, 1, rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def fa3_forward(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """Attention's forward by the Gluon kernel: ``(o, lse)``, as :func:`~flashattn.triton.triton_forward` returns them.
+
+    ``q`` (b, h, i, d), ``k`` and ``v`` (b, h_kv, j, d) with ``h_kv`` dividing
+    ``h``; ``causal`` is the bottom-right rule. ``o`` is (b, h, i, d) in the
+    inputs' dtype and ``lse`` (b, h, i) float32, -inf for a row with no key
+    (whose ``o`` is zero). Raises ``ValueError`` with the reason of
+    :func:`fa3_unsupported` where the kernel cannot run.
+    """
+    causal = check_flag("causal", causal)
+    x = prepare(q, k, v, scale=scale)
+    reason = fa3_unsupported(q, x.k, x.v)
+    if reason is not None:
+        raise ValueError(f"fa3_forward: {reason}")
+    b, h, i, d = q.shape
+    j = x.k.shape[2]
+    o = q.new_empty(b, h, i, d)
+    lse = q.new_empty(b, h, i, dtype=torch.float32)
+    if x.is_empty:  # no kernel on an empty grid; a row without keys has o = 0 and lse = -inf
+        return o.zero_(), lse.fill_(-math.inf)
+    # the kernel scales the row maximum, which needs scale >= 0; (-q) k^T |scale| is the same scores
+    q_k, scale = (-q, -x.scale) if x.scale < 0 else (q, x.scale)
+    _kernels().fa3_fwd_kernel[(math.ceil(i / BLOCK_M), h, b)](
+        _descriptor(q_k, BLOCK_M), _descriptor(x.k, BLOCK_N), _descriptor(x.v, BLOCK_N), o, lse,
+        *o.stride()[:3], h, x.group, i, j, scale * math.log2(math.e),
+        CAUSAL=causal, STAGES=STAGES, num_warps=4,
+    )
+    return o, lse
+
+
+class _FA3Attention(torch.autograd.Function):
+    """The Gluon forward, and the Triton backward on the (o, lse) it returns."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
+        o, lse = fa3_forward(q, k, v, causal=causal, scale=scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:
+        from .attention import triton_backward  # the module that imports this one's neighbours
+
+        q, k, v, o, lse = ctx.saved_tensors
+        return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None)
+
+
+def fa3_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
+    """Attention with :func:`fa3_forward` and, for the gradients, the Triton backward: what a dispatch to the Gluon kernel would run.
+
+    Arguments and errors as for :func:`fa3_forward`; returns ``o``.
+    """
+    return _FA3Attention.apply(q, k, v, causal, scale)

@@ -1,0 +1,176 @@
+"""FlashAttention-3's forward on Hopper, in Gluon: a producer warp feeds a consumer warpgroup.
+
+Step (a) of chapter 13. The kernel splits one program's warps by job, as
+FlashAttention-3 does (Shah et al. 2024, section 3.1):
+
+- the **producer**, one warp, asks the Tensor Memory Accelerator (TMA) for
+  the program's Q tile once and then for each K and V tile, into a ring of
+  ``STAGES`` shared-memory slots; it waits for a slot to be free before it
+  refills it;
+- the **consumer**, one warpgroup (four warps), computes S = Q K^T with a
+  warpgroup matrix product (WGMMA), the online softmax in registers, and
+  O += P V with a second WGMMA whose left operand, P, never leaves the
+  registers; then it frees the slot.
+
+They talk through mbarriers, one per slot and direction: ``k_ready`` and
+``v_ready`` complete when the TMA has written the slot's bytes,
+``kv_free`` when the consumer has read them. An mbarrier counts phases;
+waiting for parity ``p`` returns once the phase of that parity has
+completed, and a new barrier counts as having completed the phase before
+its first, which is why the producer's first pass waits for parity 1 and
+finds every slot free.
+
+Layouts are those of ``kernels.py``: q, o (b, h, i, d), k, v (b, h_kv, j, d),
+any strides that a TMA descriptor accepts (base and every stride but the
+last multiples of 16 bytes, last stride 1); lse (b, h, i) float32, natural
+units; query head ``head`` reads key/value head ``head // g``. The
+descriptors are four-dimensional with boxes of (1, 1, rows, d), so a tile
+never reaches into the next head: rows past ``i`` or ``j`` arrive as zeros.
+Scores are base 2 (``qk_scale = scale * log2(e)``). The causal rule is the
+bottom-right one (key ``c`` visible to query ``r`` when ``c <= r + j - i``);
+a row that sees no key gets o = 0 and lse = -inf, as in the Triton kernels.
+Every key tile is masked here, the diagonal ones and the others alike: the
+step that splits the loop comes later.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+LN2 = gl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
+CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: a WGMMA is issued by four warps together
+# a TMA load into shared memory: named async_copy_global_to_shared up to triton 3.6, async_load after
+tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@gluon.jit
+def fa3_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+             batch, head, kv_head, start_m, n_tiles, STAGES: gl.constexpr):
+    """The producer: Q once, then K and V tile by tile into the ring of slots."""
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma_load(q_desc, [batch, head, start_m, 0], q_bar, q_smem)
+    for t in range(n_tiles):
+        slot = t % STAGES
+        # the consumer frees slot `slot` once per pass through the ring; pass 0 finds it free
+        mbarrier.wait(kv_free.index(slot), ((t // STAGES) & 1) ^ 1)
+        mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
+        tma_load(k_desc, [batch, kv_head, t * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
+        mbarrier.expect(v_ready.index(slot), v_desc.block_type.nbytes)
+        tma_load(v_desc, [batch, kv_head, t * BLOCK_N, 0], v_ready.index(slot), v_smem.index(slot))
+
+
+@gluon.jit
+def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
+                stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale,
+                CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """The consumer warpgroup: S = Q K^T, the online softmax, O += P V, tile by tile; then O and lse."""
+    BLOCK_M: gl.constexpr = q_smem.shape[2]
+    D: gl.constexpr = q_smem.shape[3]
+    BLOCK_N: gl.constexpr = k_smem.shape[3]
+    DV: gl.constexpr = v_smem.shape[4]
+    dtype: gl.constexpr = q_smem.dtype
+    # where each thread holds its part of a WGMMA's accumulator: instruction tiles of 16 rows by
+    # all the columns, K = 16 for 16-bit inputs, the four warps stacked along the rows
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                       instr_shape=[16, BLOCK_N, 16])
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
+                                                       instr_shape=[16, DV, 16])
+    # P as the left operand of the second product, straight from registers
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+
+    rows = start_m + gl.arange(0, BLOCK_M, layout=row_layout)
+    m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)  # running row maximum (base 2)
+    l = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)  # running row sum of exp2(s - m)
+    acc = gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout)  # running, unnormalised P V
+    no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+    q = q_smem.reshape([BLOCK_M, D])
+    diag_offset = j - i
+
+    mbarrier.wait(q_bar, 0)
+    for t in range(n_tiles):
+        slot = t % STAGES
+        phase = (t // STAGES) & 1
+        mbarrier.wait(k_ready.index(slot), phase)
+        k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))  # K^T as a view: (D, BLOCK_N)
+        qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+
+        cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+        keep = gl.expand_dims(cols < j, 0)
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag_offset, 1))
+        s = gl.where(keep, qk * qk_scale, float("-inf"))
+        m_new = gl.maximum(m, gl.max(s, 1))
+        # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
+        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+        p = gl.exp2(s - gl.expand_dims(m_shift, 1))
+        alpha = gl.exp2(m - m_shift)
+        l = l * alpha + gl.sum(p, 1)
+        m = m_new
+
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_ready.index(slot), phase)
+        acc = warpgroup_mma(p_op, v_smem.index(slot).reshape([BLOCK_N, DV]), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        mbarrier.arrive(kv_free.index(slot), count=1)  # both products have read the slot
+
+    # a row with no key has acc = 0 and m = -inf: dividing by 1 gives o = 0 and lse = -inf
+    l = gl.where(l == 0.0, 1.0, l)
+    lse = (m + gl.log2(l)) * LN2
+    o = acc / gl.expand_dims(gl.convert_layout(l, gl.SliceLayout(1, o_layout)), 1)
+    o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    o_cols = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
+    o_base = o_ptr + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
+    o_ptrs = o_base + gl.expand_dims(o_rows.to(gl.int64) * stride_oi, 1) + gl.expand_dims(o_cols, 0)
+    gl.store(o_ptrs, o.to(dtype), mask=gl.expand_dims(o_rows < i, 1))
+    lse_ptrs = lse_ptr + (batch.to(gl.int64) * h + head) * i + rows
+    gl.store(lse_ptrs, lse, mask=rows < i)
+
+
+@gluon.jit
+def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
+                   stride_ob, stride_oh, stride_oi,
+                   h, g, i, j, qk_scale,
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """O and lse for one tile of queries: grid (n_q_tiles, h, b); launched with num_warps=4."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
+    BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
+    dtype: gl.constexpr = q_desc.dtype
+
+    tile = gl.program_id(0)
+    if CAUSAL:
+        tile = gl.num_programs(0) - 1 - tile  # the tiles with the most keys first
+    head = gl.program_id(1)
+    batch = gl.program_id(2)
+    start_m = tile * BLOCK_M
+    if CAUSAL:
+        # keys past the last row's diagonal are never loaded
+        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + j - i, 0), j)
+    else:
+        hi = j
+    n_tiles = gl.cdiv(hi, BLOCK_N)
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for slot in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(slot), count=1)
+        mbarrier.init(v_ready.index(slot), count=1)
+        mbarrier.init(kv_free.index(slot), count=1)
+
+    gl.warp_specialize([
+        (fa3_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
+                       stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale,
+                       CAUSAL, STAGES)),
+        (fa3_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+                    batch, head, head // g, start_m, n_tiles, STAGES)),
+    ], [1], [24])

@@ -1,0 +1,143 @@
+"""The Gluon forward of FlashAttention-3 on Hopper (``flashattn.triton.fa3``).
+
+On every machine: the kernel compiles for sm90 with the installed triton
+(when it is one of ``GLUON_TRITONS``), within the shared memory of one
+Hopper block and without a spill, and ``fa3_unsupported`` names what it
+cannot take. On a GPU of compute capability 9.x: its output and
+log-sum-exp against float64, within twice PyTorch's own error in the same
+dtype, at ragged sizes, causal (bottom-right) or not, grouped heads, rows
+with no key, strided inputs; and the Triton backward run on its output (``fa3_attention``).
+Gluon has no CPU interpreter, so those skip elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from flashattn import FlashAttention
+from flashattn.triton import fa3, runtime
+from flashattn.triton.runtime import _installed_triton, _parse
+from reference import reference_attention
+from test_triton_attention import RATIO_FLOOR, errors, make_inputs
+
+ROOT = Path(__file__).resolve().parent.parent
+HOPPER_SHARED = 232448  # bytes per block: 227 KiB, the most an H100 or H200 block may ask for
+HOPPER = (torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+          and _installed_triton() is not None and _parse(_installed_triton()) in fa3.GLUON_TRITONS)
+on_hopper = pytest.mark.skipif(not HOPPER, reason="Gluon runs on a GPU of compute capability 9.x only "
+                                                  "(no CPU interpreter), with a triton of fa3.GLUON_TRITONS")
+
+
+def _check_tritons():
+    spec = importlib.util.spec_from_file_location("check_tritons", ROOT / "scripts" / "check_tritons.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_kernel_compiles_for_hopper_within_its_shared_memory_and_without_a_spill():
+    version = _installed_triton()
+    if version is None or _parse(version) not in fa3.GLUON_TRITONS:
+        pytest.skip(f"the Gluon kernel is built with triton {fa3.GLUON_TRITONS} only; found {version}")
+    check_tritons = _check_tritons()
+    launches = check_tritons.fa3_launches()
+    assert {(s["dtype"], s["boxes"]["q_desc"][1], s["constexprs"]["CAUSAL"]) for s in launches} == {
+        (dtype, d, causal) for dtype in ("bfloat16", "float16") for d in fa3.HEAD_DIMS for causal in (False, True)}
+    for result in check_tritons.compile_in_subprocesses(launches, 90, jobs=2, timeout=900):
+        where = (result["dtype"], result["boxes"], result["constexprs"])
+        assert result["compiled"], (where, result["error"])
+        d = result["boxes"]["q_desc"][1]
+        # Q's tile and STAGES slots of K and V tiles, in 16-bit elements, and a few barriers besides
+        tiles = 2 * d * (fa3.BLOCK_M + 2 * fa3.STAGES * fa3.BLOCK_N)
+        assert tiles <= result["shared"] <= min(tiles + 1024, HOPPER_SHARED), (where, result["shared"])
+        assert result["stack"] == 0, (where, result["stack"])  # spilled registers would live there
+
+
+def test_a_triton_without_the_tested_gluon_is_named(monkeypatch):
+    q = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+    monkeypatch.setattr(runtime, "_installed_triton", lambda: "3.5.1")
+    reason = fa3.fa3_unsupported(q, q, q)
+    assert "triton 3.6, 3.9 only" in reason and "found triton 3.5.1" in reason, reason
+    monkeypatch.setattr(runtime, "_installed_triton", lambda: None)
+    assert "found no triton" in fa3.fa3_unsupported(q, q, q)
+
+
+@pytest.mark.skipif(_installed_triton() is None or _parse(_installed_triton()) not in fa3.GLUON_TRITONS,
+                    reason="the input checks come after the triton check")
+def test_what_the_kernel_cannot_take_is_named_in_one_line():
+    x = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+    cases = [
+        ((x.float(), x.float(), x.float()), "float16 or bfloat16"),
+        ((x, x.half(), x), "all three alike"),
+        ((x[..., :32], x[..., :32], x[..., :32]), "d = d_v in (64, 128); got d = 32"),
+        ((x, x, torch.empty(1, 2, 8, 128, dtype=torch.bfloat16)), "got d = 64, d_v = 128"),
+        ((torch.empty(1, 2, 64, 8, dtype=torch.bfloat16).transpose(2, 3), x, x), "last stride of 1"),
+        ((x, x, x), "runs on a Hopper GPU"),  # everything else fits: the CPU is what is wrong
+    ]
+    for (q, k, v), words in cases:
+        reason = fa3.fa3_unsupported(q, k, v)
+        assert reason is not None and words in reason and "\n" not in reason, (words, reason)
+    with pytest.raises(ValueError, match="fa3_forward: the Gluon kernel runs on a Hopper GPU"):
+        fa3.fa3_forward(x, x, x)
+
+
+# -- on a Hopper GPU ---------------------------------------------------------------------------
+
+HOPPER_CASES = [
+    # b, h, h_kv, i, j, d, causal, dtype
+    (2, 4, 4, 1000, 1000, 128, False, torch.bfloat16),  # ragged: 1000 is no multiple of 64 or 128
+    (2, 8, 2, 777, 1531, 128, True, torch.bfloat16),  # grouped heads; i < j: the diagonal moves right
+    (1, 4, 4, 1500, 333, 64, True, torch.float16),  # i > j: the first 1167 rows see no key
+    (1, 16, 4, 3000, 3000, 64, False, torch.bfloat16),
+    (1, 2, 2, 64, 128, 128, True, torch.float16),  # one query tile, one key tile
+]
+
+
+@on_hopper
+@pytest.mark.parametrize("b, h, h_kv, i, j, d, causal, dtype", HOPPER_CASES)
+def test_within_twice_pytorch_error(b, h, h_kv, i, j, d, causal, dtype):
+    q, k, v, do = make_inputs(b, h, h_kv, i, j, d, d, dtype, seed=i + j + d, device="cuda")
+    ours = errors(lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal), q, k, v, do, causal)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
+    for name in ours:
+        assert ours[name] <= max(2 * pytorch[name], RATIO_FLOOR[dtype]), (name, ours, pytorch)
+
+
+@on_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_lse_and_rows_without_keys(causal):
+    # lse against float64's logsumexp of the scaled, masked scores; a row with no key: o = 0, lse = -inf
+    q, k, v, _ = make_inputs(1, 4, 2, 700, 300, 128, 128, torch.bfloat16, seed=5, device="cuda")
+    o, lse = fa3.fa3_forward(q.detach(), k.detach(), v.detach(), causal=causal)
+    q64, k64 = q.detach().double().cpu(), k.detach().double().cpu().repeat_interleave(2, dim=1)
+    scores = q64 @ k64.transpose(-1, -2) / math.sqrt(128)
+    if causal:  # bottom-right: row r sees keys c <= r + j - i
+        keep = torch.ones(700, 300, dtype=torch.bool).tril(300 - 700)
+        scores = scores.masked_fill(~keep, -math.inf)
+    want = torch.logsumexp(scores, dim=-1)
+    has_key = want > -math.inf
+    # float32 accumulation of 128 products of bfloat16 values, exp2 and log2 in float32: errors ~1e-6
+    assert (lse.cpu()[has_key] - want[has_key]).abs().max() < 1e-4
+    assert torch.equal(lse.cpu()[~has_key], want[~has_key])
+    assert torch.equal(o.cpu()[~has_key], torch.zeros_like(o.cpu()[~has_key]))
+    assert has_key.all() != causal  # causal with i > j leaves rows without keys; the test must see them
+
+
+@on_hopper
+def test_strided_inputs():
+    # q, k, v as views of (b, n, h, d) projections: the descriptors take their strides, no copy
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    qkv = torch.randn(2, 900, 3, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+    assert not q.is_contiguous()
+    o, _ = fa3.fa3_forward(q, k, v, causal=True)
+    want = reference_attention(q.double(), k.double(), v.double(), causal=True)
+    pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    error, sdpa = ((x.double() - want).abs().max().item() for x in (o, pytorch))
+    assert error <= max(2 * sdpa, RATIO_FLOOR[torch.bfloat16] * want.abs().max().item()), (error, sdpa)
