@@ -316,13 +316,14 @@ def tma_launches() -> list[dict]:
 
 
 def fa3_launches() -> list[dict]:
-    """The Gluon forward (``fa3_kernels``) at its launch: each head dimension, 16-bit dtype and causal rule."""
+    """The Gluon forward (``fa3_kernels``) at its launches: head dimension, 16-bit dtype, causal rule, warpgroups."""
     from flashattn.triton import fa3
 
     return [dict(module="fa3_kernels", kernel="fa3_fwd_kernel", dtype=dtype,
                  boxes=dict(q_desc=(fa3.BLOCK_M, d), k_desc=(fa3.BLOCK_N, d), v_desc=(fa3.BLOCK_N, d)),
-                 constexprs=dict(CAUSAL=causal, STAGES=fa3.STAGES), num_warps=4, num_stages=1)
-            for d in fa3.HEAD_DIMS for dtype in ("bfloat16", "float16") for causal in (False, True)]
+                 constexprs=dict(CAUSAL=causal, STAGES=fa3.STAGES, CONSUMERS=warpgroups), num_warps=4, num_stages=1)
+            for d in fa3.HEAD_DIMS for dtype in ("bfloat16", "float16") for causal in (False, True)
+            for warpgroups in fa3.WARPGROUPS]
 
 
 def version_check_launches() -> dict[int, list[dict]]:

@@ -12,8 +12,8 @@
   or through Triton's interpreter.
 - :mod:`flashattn.triton.empty_rows`: zeroing the output rows that have no key.
 - :mod:`flashattn.triton.fa3_kernels`, :mod:`flashattn.triton.fa3`: FlashAttention-3's
-  forward on Hopper in Gluon (a producer warp feeding a consumer warpgroup through
-  mbarriers), and its launch; not yet chosen by ``triton_attention``.
+  forward on Hopper in Gluon (a producer warp feeding one or two consumer warpgroups
+  through mbarriers), and its launch; not yet chosen by ``triton_attention``.
 
 Importing this package does not import triton: the kernels are imported on
 the first call, so ``flashattn`` works without triton installed.

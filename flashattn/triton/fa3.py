@@ -31,7 +31,8 @@ from . import runtime
 
 GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles the kernel for sm90
 HEAD_DIMS = (64, 128)
-BLOCK_M = 64  # query rows per program: one consumer warpgroup's WGMMA tile
+BLOCK_M = 64  # query rows per consumer warpgroup: its WGMMA tile
+WARPGROUPS = (1, 2)  # consumer warpgroups per program: step (a) has one, step (b) two that share the K/V slots
 BLOCK_N = 128  # keys per tile
 STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
 
@@ -76,17 +77,21 @@ def _descriptor(t: Tensor, rows: int) -> object:
 
 
 def fa3_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1
 ) -> tuple[Tensor, Tensor]:
     """Attention's forward by the Gluon kernel: ``(o, lse)``, as :func:`~flashattn.triton.triton_forward` returns them.
 
     ``q`` (b, h, i, d), ``k`` and ``v`` (b, h_kv, j, d) with ``h_kv`` dividing
     ``h``; ``causal`` is the bottom-right rule. ``o`` is (b, h, i, d) in the
     inputs' dtype and ``lse`` (b, h, i) float32, -inf for a row with no key
-    (whose ``o`` is zero). Raises ``ValueError`` with the reason of
-    :func:`fa3_unsupported` where the kernel cannot run.
+    (whose ``o`` is zero). ``warpgroups`` is the number of consumer
+    warpgroups per program (``WARPGROUPS``), each with ``BLOCK_M`` rows.
+    Raises ``ValueError`` with the reason of :func:`fa3_unsupported` where
+    the kernel cannot run.
     """
     causal = check_flag("causal", causal)
+    if warpgroups not in WARPGROUPS:
+        raise ValueError(f"fa3_forward: warpgroups must be one of {WARPGROUPS}, got {warpgroups!r}")
     x = prepare(q, k, v, scale=scale)
     reason = fa3_unsupported(q, x.k, x.v)
     if reason is not None:
@@ -99,10 +104,10 @@ def fa3_forward(
         return o.zero_(), lse.fill_(-math.inf)
     # the kernel scales the row maximum, which needs scale >= 0; (-q) k^T |scale| is the same scores
     q_k, scale = (-q, -x.scale) if x.scale < 0 else (q, x.scale)
-    _kernels().fa3_fwd_kernel[(math.ceil(i / BLOCK_M), h, b)](
+    _kernels().fa3_fwd_kernel[(math.ceil(i / (warpgroups * BLOCK_M)), h, b)](
         _descriptor(q_k, BLOCK_M), _descriptor(x.k, BLOCK_N), _descriptor(x.v, BLOCK_N), o, lse,
         *o.stride()[:3], h, x.group, i, j, scale * math.log2(math.e),
-        CAUSAL=causal, STAGES=STAGES, num_warps=4,
+        CAUSAL=causal, STAGES=STAGES, CONSUMERS=warpgroups, num_warps=4,
     )
     return o, lse
 
@@ -111,8 +116,8 @@ class _FA3Attention(torch.autograd.Function):
     """The Gluon forward, and the Triton backward on the (o, lse) it returns."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None) -> Tensor:
-        o, lse = fa3_forward(q, k, v, causal=causal, scale=scale)
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, warpgroups: int) -> Tensor:
+        o, lse = fa3_forward(q, k, v, causal=causal, scale=scale, warpgroups=warpgroups)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -122,12 +127,14 @@ class _FA3Attention(torch.autograd.Function):
         from .attention import triton_backward  # the module that imports this one's neighbours
 
         q, k, v, o, lse = ctx.saved_tensors
-        return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None)
+        return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None, None)
 
 
-def fa3_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
+def fa3_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1
+) -> Tensor:
     """Attention with :func:`fa3_forward` and, for the gradients, the Triton backward: what a dispatch to the Gluon kernel would run.
 
     Arguments and errors as for :func:`fa3_forward`; returns ``o``.
     """
-    return _FA3Attention.apply(q, k, v, causal, scale)
+    return _FA3Attention.apply(q, k, v, causal, scale, warpgroups)

@@ -1,24 +1,29 @@
-"""FlashAttention-3's forward on Hopper, in Gluon: a producer warp feeds a consumer warpgroup.
+"""FlashAttention-3's forward on Hopper, in Gluon: a producer warp feeds consumer warpgroups.
 
-Step (a) of chapter 13. The kernel splits one program's warps by job, as
-FlashAttention-3 does (Shah et al. 2024, section 3.1):
+The kernel splits one program's warps by job, as FlashAttention-3 does
+(Shah et al. 2024, section 3.1):
 
 - the **producer**, one warp, asks the Tensor Memory Accelerator (TMA) for
-  the program's Q tile once and then for each K and V tile, into a ring of
+  the program's Q tiles once and then for each K and V tile, into a ring of
   ``STAGES`` shared-memory slots; it waits for a slot to be free before it
   refills it;
-- the **consumer**, one warpgroup (four warps), computes S = Q K^T with a
-  warpgroup matrix product (WGMMA), the online softmax in registers, and
-  O += P V with a second WGMMA whose left operand, P, never leaves the
-  registers; then it frees the slot.
+- each **consumer**, a warpgroup (four warps) with ``BLOCK_M`` query rows of
+  its own, computes S = Q K^T with a warpgroup matrix product (WGMMA), the
+  online softmax in registers, and O += P V with a second WGMMA whose left
+  operand, P, never leaves the registers; then it frees the slot.
+
+``CONSUMERS`` is 1 (the first step: the loads leave the consumer's
+instruction stream) or 2 (the second: two warpgroups share every K/V tile,
+so that one's exponentials can run while the other's WGMMA does; nothing
+orders them yet, the warp schedulers interleave them as they can).
 
 They talk through mbarriers, one per slot and direction: ``k_ready`` and
 ``v_ready`` complete when the TMA has written the slot's bytes,
-``kv_free`` when the consumer has read them. An mbarrier counts phases;
-waiting for parity ``p`` returns once the phase of that parity has
-completed, and a new barrier counts as having completed the phase before
-its first, which is why the producer's first pass waits for parity 1 and
-finds every slot free.
+``kv_free`` when every consumer has read them (it counts ``CONSUMERS``
+arrivals). An mbarrier counts phases; waiting for parity ``p`` returns once
+the phase of that parity has completed, and a new barrier counts as having
+completed the phase before its first, which is why the producer's first
+pass waits for parity 1 and finds every slot free.
 
 Layouts are those of ``kernels.py``: q, o (b, h, i, d), k, v (b, h_kv, j, d),
 any strides that a TMA descriptor accepts (base and every stride but the
@@ -46,13 +51,16 @@ tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 @gluon.jit
 def fa3_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
              batch, head, kv_head, start_m, n_tiles, STAGES: gl.constexpr):
-    """The producer: Q once, then K and V tile by tile into the ring of slots."""
+    """The producer: each consumer's Q tile once, then K and V tile by tile into the ring of slots."""
+    BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
-    tma_load(q_desc, [batch, head, start_m, 0], q_bar, q_smem)
+    CONSUMERS: gl.constexpr = q_smem.shape[0]
+    mbarrier.expect(q_bar, CONSUMERS * q_desc.block_type.nbytes)
+    for c in gl.static_range(CONSUMERS):
+        tma_load(q_desc, [batch, head, start_m + c * BLOCK_M, 0], q_bar, q_smem.index(c))
     for t in range(n_tiles):
         slot = t % STAGES
-        # the consumer frees slot `slot` once per pass through the ring; pass 0 finds it free
+        # every consumer frees slot `slot` once per pass through the ring; pass 0 finds it free
         mbarrier.wait(kv_free.index(slot), ((t // STAGES) & 1) ^ 1)
         mbarrier.expect(k_ready.index(slot), k_desc.block_type.nbytes)
         tma_load(k_desc, [batch, kv_head, t * BLOCK_N, 0], k_ready.index(slot), k_smem.index(slot))
@@ -63,10 +71,14 @@ def fa3_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_r
 @gluon.jit
 def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
                 stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale,
-                CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-    """The consumer warpgroup: S = Q K^T, the online softmax, O += P V, tile by tile; then O and lse."""
-    BLOCK_M: gl.constexpr = q_smem.shape[2]
-    D: gl.constexpr = q_smem.shape[3]
+                CONSUMER: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """Consumer warpgroup ``CONSUMER``: S = Q K^T, the online softmax, O += P V for its rows; then O and lse.
+
+    ``start_m`` is the program's first row; this warpgroup's rows start
+    ``CONSUMER * BLOCK_M`` after it.
+    """
+    BLOCK_M: gl.constexpr = q_smem.shape[3]
+    D: gl.constexpr = q_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     DV: gl.constexpr = v_smem.shape[4]
     dtype: gl.constexpr = q_smem.dtype
@@ -81,12 +93,13 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr,
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
 
+    start_m = start_m + CONSUMER * BLOCK_M
     rows = start_m + gl.arange(0, BLOCK_M, layout=row_layout)
     m = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_layout)  # running row maximum (base 2)
     l = gl.zeros([BLOCK_M], gl.float32, layout=row_layout)  # running row sum of exp2(s - m)
     acc = gl.zeros([BLOCK_M, DV], gl.float32, layout=o_layout)  # running, unnormalised P V
     no_scores = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    q = q_smem.reshape([BLOCK_M, D])
+    q = q_smem.index(CONSUMER).reshape([BLOCK_M, D])
     diag_offset = j - i
 
     mbarrier.wait(q_bar, 0)
@@ -132,11 +145,25 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr,
 
 
 @gluon.jit
+def fa3_worker(load_args, consume_args, ROLE: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+    """A worker partition: the producer (``ROLE`` 0) or consumer warpgroup ``ROLE`` (1 on)."""
+    if ROLE == 0:
+        fa3_load(*load_args, STAGES)
+    else:
+        fa3_consume(*consume_args, ROLE, CAUSAL, STAGES)
+
+
+@gluon.jit
 def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
                    stride_ob, stride_oh, stride_oi,
                    h, g, i, j, qk_scale,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr):
-    """O and lse for one tile of queries: grid (n_q_tiles, h, b); launched with num_warps=4."""
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1):
+    """O and lse for one tile of ``CONSUMERS * BLOCK_M`` queries: grid (n_q_tiles, h, b); num_warps=4.
+
+    ``CONSUMERS`` warpgroups share each K/V slot, each with ``BLOCK_M`` rows
+    of its own (step (b): while one computes its exponentials, the other's
+    WGMMA can run); the first is the default partition, the others workers.
+    """
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
     dtype: gl.constexpr = q_desc.dtype
@@ -146,15 +173,15 @@ def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
         tile = gl.num_programs(0) - 1 - tile  # the tiles with the most keys first
     head = gl.program_id(1)
     batch = gl.program_id(2)
-    start_m = tile * BLOCK_M
+    start_m = tile * (CONSUMERS * BLOCK_M)
     if CAUSAL:
         # keys past the last row's diagonal are never loaded
-        hi = gl.minimum(gl.maximum(start_m + BLOCK_M + j - i, 0), j)
+        hi = gl.minimum(gl.maximum(start_m + CONSUMERS * BLOCK_M + j - i, 0), j)
     else:
         hi = j
     n_tiles = gl.cdiv(hi, BLOCK_N)
 
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES] + v_desc.block_type.shape, v_desc.layout)
     q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -165,12 +192,20 @@ def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
     for slot in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(slot), count=1)
         mbarrier.init(v_ready.index(slot), count=1)
-        mbarrier.init(kv_free.index(slot), count=1)
+        mbarrier.init(kv_free.index(slot), count=CONSUMERS)  # a slot is free once every consumer has read it
 
-    gl.warp_specialize([
-        (fa3_consume, (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
-                       stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale,
-                       CAUSAL, STAGES)),
-        (fa3_load, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
-                    batch, head, head // g, start_m, n_tiles, STAGES)),
-    ], [1], [24])
+    load_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
+                 batch, head, head // g, start_m, n_tiles)
+    consume_args = (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
+                    stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale)
+    if CONSUMERS == 1:
+        gl.warp_specialize([
+            (fa3_consume, consume_args + (0, CAUSAL, STAGES)),
+            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES)),
+        ], [1], [24])
+    else:
+        gl.warp_specialize([
+            (fa3_consume, consume_args + (0, CAUSAL, STAGES)),
+            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES)),
+            (fa3_worker, (load_args, consume_args, 1, CAUSAL, STAGES)),
+        ], [1, 4], [24, 240])
