@@ -71,7 +71,10 @@ DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
 PROVIDERS = ("triton", "triton_pointers", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
 # named with --providers only: the Gluon forward (Hopper, bf16/fp16, d = 64 or 128) with the Triton backward
-OPTIONAL_PROVIDERS = ("fa3_gluon", "fa3_gluon_2wg")  # one consumer warpgroup per program, or two
+# the Gluon forward's steps (flashattn.triton.fa3.STEPS): warpgroups and schedule
+FA3_STEPS = {"fa3_a": (1, "serial"), "fa3_b": (2, "serial"), "fa3_c": (1, "overlap"), "fa3_c2": (2, "overlap"),
+             "fa3_d": (2, "pingpong")}
+OPTIONAL_PROVIDERS = tuple(FA3_STEPS)
 MODES = ("fwd", "fwd_bwd")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 QUICK = dict(n=[1024], d=[64], rep=20)
@@ -111,9 +114,9 @@ def attention(provider: str, causal: bool, n: int) -> Callable[..., torch.Tensor
             with hopper.tma_kernels(False):
                 return triton_attention(q, k, v, causal=causal)
         return pointers
-    if provider in OPTIONAL_PROVIDERS:
-        warpgroups = 2 if provider.endswith("_2wg") else 1
-        return lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal, warpgroups=warpgroups)
+    if provider in FA3_STEPS:
+        warpgroups, schedule = FA3_STEPS[provider]
+        return lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal, warpgroups=warpgroups, schedule=schedule)
     if provider == "sdpa_default":
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     if provider in BACKENDS:

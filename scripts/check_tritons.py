@@ -316,14 +316,20 @@ def tma_launches() -> list[dict]:
 
 
 def fa3_launches() -> list[dict]:
-    """The Gluon forward (``fa3_kernels``) at its launches: head dimension, 16-bit dtype, causal rule, warpgroups."""
+    """The Gluon forward (``fa3_kernels``) at its launches: each step (warpgroups, schedule), head dimension and
+    causal rule in bfloat16, and the first step in float16 (the two dtypes compile to the same tiles)."""
     from flashattn.triton import fa3
 
-    return [dict(module="fa3_kernels", kernel="fa3_fwd_kernel", dtype=dtype,
-                 boxes=dict(q_desc=(fa3.BLOCK_M, d), k_desc=(fa3.BLOCK_N, d), v_desc=(fa3.BLOCK_N, d)),
-                 constexprs=dict(CAUSAL=causal, STAGES=fa3.STAGES, CONSUMERS=warpgroups), num_warps=4, num_stages=1)
-            for d in fa3.HEAD_DIMS for dtype in ("bfloat16", "float16") for causal in (False, True)
-            for warpgroups in fa3.WARPGROUPS]
+    def launch(dtype, d, causal, warpgroups, schedule):
+        return dict(module="fa3_kernels", kernel="fa3_fwd_kernel", dtype=dtype,
+                    boxes=dict(q_desc=(fa3.BLOCK_M, d), k_desc=(fa3.BLOCK_N, d), v_desc=(fa3.BLOCK_N, d)),
+                    constexprs=dict(CAUSAL=causal, STAGES=fa3.STAGES, CONSUMERS=warpgroups,
+                                    SCHEDULE=fa3.SCHEDULES[schedule]),
+                    num_warps=4, num_stages=1)
+
+    return ([launch("bfloat16", d, causal, *step) for step in fa3.STEPS for d in fa3.HEAD_DIMS
+             for causal in (False, True)]
+            + [launch("float16", d, causal, *fa3.STEPS[0]) for d in fa3.HEAD_DIMS for causal in (False, True)])
 
 
 def version_check_launches() -> dict[int, list[dict]]:

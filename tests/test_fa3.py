@@ -46,9 +46,10 @@ def test_the_kernel_compiles_for_hopper_within_its_shared_memory_and_without_a_s
         pytest.skip(f"the Gluon kernel is built with triton {fa3.GLUON_TRITONS} only; found {version}")
     check_tritons = _check_tritons()
     launches = check_tritons.fa3_launches()
-    assert {(s["dtype"], s["boxes"]["q_desc"][1], s["constexprs"]["CAUSAL"], s["constexprs"]["CONSUMERS"])
-            for s in launches} == {(dtype, d, causal, warpgroups) for dtype in ("bfloat16", "float16")
-                                   for d in fa3.HEAD_DIMS for causal in (False, True) for warpgroups in fa3.WARPGROUPS}
+    schedules = {number: name for name, number in fa3.SCHEDULES.items()}
+    compiled = {(s["boxes"]["q_desc"][1], s["constexprs"]["CAUSAL"], s["constexprs"]["CONSUMERS"],
+                 schedules[s["constexprs"]["SCHEDULE"]]) for s in launches if s["dtype"] == "bfloat16"}
+    assert compiled == {(d, causal, *step) for d in fa3.HEAD_DIMS for causal in (False, True) for step in fa3.STEPS}
     for result in check_tritons.compile_in_subprocesses(launches, 90, jobs=2, timeout=900):
         where = (result["dtype"], result["boxes"], result["constexprs"])
         assert result["compiled"], (where, result["error"])
@@ -87,6 +88,10 @@ def test_what_the_kernel_cannot_take_is_named_in_one_line():
         fa3.fa3_forward(x, x, x)
     with pytest.raises(ValueError, match=r"warpgroups must be one of \(1, 2\), got 3"):
         fa3.fa3_forward(x, x, x, warpgroups=3)
+    with pytest.raises(ValueError, match="got schedule='pingpong' with warpgroups=1"):
+        fa3.fa3_forward(x, x, x, schedule="pingpong")
+    with pytest.raises(ValueError, match="got schedule='fast'"):
+        fa3.fa3_forward(x, x, x, schedule="fast")
 
 
 # -- on a Hopper GPU ---------------------------------------------------------------------------
@@ -102,11 +107,11 @@ HOPPER_CASES = [
 
 
 @on_hopper
-@pytest.mark.parametrize("warpgroups", fa3.WARPGROUPS)
+@pytest.mark.parametrize("warpgroups, schedule", fa3.STEPS)
 @pytest.mark.parametrize("b, h, h_kv, i, j, d, causal, dtype", HOPPER_CASES)
-def test_within_twice_pytorch_error(b, h, h_kv, i, j, d, causal, dtype, warpgroups):
+def test_within_twice_pytorch_error(b, h, h_kv, i, j, d, causal, dtype, warpgroups, schedule):
     q, k, v, do = make_inputs(b, h, h_kv, i, j, d, d, dtype, seed=i + j + d, device="cuda")
-    ours = errors(lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal, warpgroups=warpgroups),
+    ours = errors(lambda q, k, v: fa3.fa3_attention(q, k, v, causal=causal, warpgroups=warpgroups, schedule=schedule),
                   q, k, v, do, causal)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
@@ -115,12 +120,13 @@ def test_within_twice_pytorch_error(b, h, h_kv, i, j, d, causal, dtype, warpgrou
 
 
 @on_hopper
-@pytest.mark.parametrize("warpgroups", fa3.WARPGROUPS)
+@pytest.mark.parametrize("warpgroups, schedule", fa3.STEPS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_lse_and_rows_without_keys(causal, warpgroups):
+def test_lse_and_rows_without_keys(causal, warpgroups, schedule):
     # lse against float64's logsumexp of the scaled, masked scores; a row with no key: o = 0, lse = -inf
     q, k, v, _ = make_inputs(1, 4, 2, 700, 300, 128, 128, torch.bfloat16, seed=5, device="cuda")
-    o, lse = fa3.fa3_forward(q.detach(), k.detach(), v.detach(), causal=causal, warpgroups=warpgroups)
+    o, lse = fa3.fa3_forward(q.detach(), k.detach(), v.detach(), causal=causal, warpgroups=warpgroups,
+                             schedule=schedule)
     q64, k64 = q.detach().double().cpu(), k.detach().double().cpu().repeat_interleave(2, dim=1)
     scores = q64 @ k64.transpose(-1, -2) / math.sqrt(128)
     if causal:  # bottom-right: row r sees keys c <= r + j - i
@@ -136,14 +142,14 @@ def test_lse_and_rows_without_keys(causal, warpgroups):
 
 
 @on_hopper
-@pytest.mark.parametrize("warpgroups", fa3.WARPGROUPS)
-def test_strided_inputs(warpgroups):
+@pytest.mark.parametrize("warpgroups, schedule", fa3.STEPS)
+def test_strided_inputs(warpgroups, schedule):
     # q, k, v as views of (b, n, h, d) projections: the descriptors take their strides, no copy
     gen = torch.Generator(device="cuda").manual_seed(11)
     qkv = torch.randn(2, 900, 3, 8, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
     assert not q.is_contiguous()
-    o, _ = fa3.fa3_forward(q, k, v, causal=True, warpgroups=warpgroups)
+    o, _ = fa3.fa3_forward(q, k, v, causal=True, warpgroups=warpgroups, schedule=schedule)
     want = reference_attention(q.double(), k.double(), v.double(), causal=True)
     pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     error, sdpa = ((x.double() - want).abs().max().item() for x in (o, pytorch))

@@ -1,5 +1,9 @@
 """FlashAttention-3's forward on Hopper (the Gluon kernel of ``fa3_kernels``), from Python.
 
+``STEPS`` lists its launches in the order the schedule is built: one
+consumer warpgroup, two, the softmax overlapped with the next product, and
+the two warpgroups taking turns (ping-pong).
+
 :func:`fa3_forward` returns ``(o, lse)`` as :func:`~flashattn.triton.triton_forward`
 does, so that the Triton backward (:func:`~flashattn.triton.attention.triton_backward`)
 takes its output. :func:`fa3_unsupported` says in one line why it cannot take
@@ -33,7 +37,13 @@ GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles
 HEAD_DIMS = (64, 128)
 BLOCK_M = 64  # query rows per consumer warpgroup: its WGMMA tile
 WARPGROUPS = (1, 2)  # consumer warpgroups per program: step (a) has one, step (b) two that share the K/V slots
+# how a consumer orders one key tile's work (fa3_kernels.fa3_consume): each product waited for before the
+# next step; the next tile's scores issued with this tile's P V and the softmax run while P V does (step c);
+# that, and two warpgroups handing the tensor cores to each other after each issue (step d)
+SCHEDULES = {"serial": 0, "overlap": 1, "pingpong": 2}
 BLOCK_N = 128  # keys per tile
+# the launches a reader can compare, in the order the chapter builds them: (warpgroups, schedule)
+STEPS = ((1, "serial"), (2, "serial"), (1, "overlap"), (2, "overlap"), (2, "pingpong"))
 STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
 
 
@@ -77,7 +87,8 @@ def _descriptor(t: Tensor, rows: int) -> object:
 
 
 def fa3_forward(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1,
+    schedule: str = "serial",
 ) -> tuple[Tensor, Tensor]:
     """Attention's forward by the Gluon kernel: ``(o, lse)``, as :func:`~flashattn.triton.triton_forward` returns them.
 
@@ -85,13 +96,17 @@ def fa3_forward(
     ``h``; ``causal`` is the bottom-right rule. ``o`` is (b, h, i, d) in the
     inputs' dtype and ``lse`` (b, h, i) float32, -inf for a row with no key
     (whose ``o`` is zero). ``warpgroups`` is the number of consumer
-    warpgroups per program (``WARPGROUPS``), each with ``BLOCK_M`` rows.
+    warpgroups per program (``WARPGROUPS``), each with ``BLOCK_M`` rows;
+    ``schedule`` one of ``SCHEDULES`` ("pingpong" needs two warpgroups).
     Raises ``ValueError`` with the reason of :func:`fa3_unsupported` where
     the kernel cannot run.
     """
     causal = check_flag("causal", causal)
     if warpgroups not in WARPGROUPS:
         raise ValueError(f"fa3_forward: warpgroups must be one of {WARPGROUPS}, got {warpgroups!r}")
+    if schedule not in SCHEDULES or (schedule == "pingpong" and warpgroups != 2):
+        raise ValueError(f"fa3_forward: schedule must be one of {tuple(SCHEDULES)}, \"pingpong\" with warpgroups=2; "
+                         f"got schedule={schedule!r} with warpgroups={warpgroups}")
     x = prepare(q, k, v, scale=scale)
     reason = fa3_unsupported(q, x.k, x.v)
     if reason is not None:
@@ -107,7 +122,7 @@ def fa3_forward(
     _kernels().fa3_fwd_kernel[(math.ceil(i / (warpgroups * BLOCK_M)), h, b)](
         _descriptor(q_k, BLOCK_M), _descriptor(x.k, BLOCK_N), _descriptor(x.v, BLOCK_N), o, lse,
         *o.stride()[:3], h, x.group, i, j, scale * math.log2(math.e),
-        CAUSAL=causal, STAGES=STAGES, CONSUMERS=warpgroups, num_warps=4,
+        CAUSAL=causal, STAGES=STAGES, CONSUMERS=warpgroups, SCHEDULE=SCHEDULES[schedule], num_warps=4,
     )
     return o, lse
 
@@ -116,8 +131,10 @@ class _FA3Attention(torch.autograd.Function):
     """The Gluon forward, and the Triton backward on the (o, lse) it returns."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, warpgroups: int) -> Tensor:
-        o, lse = fa3_forward(q, k, v, causal=causal, scale=scale, warpgroups=warpgroups)
+    def forward(
+        ctx, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float | None, warpgroups: int, schedule: str
+    ) -> Tensor:
+        o, lse = fa3_forward(q, k, v, causal=causal, scale=scale, warpgroups=warpgroups, schedule=schedule)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
         return o
@@ -127,14 +144,15 @@ class _FA3Attention(torch.autograd.Function):
         from .attention import triton_backward  # the module that imports this one's neighbours
 
         q, k, v, o, lse = ctx.saved_tensors
-        return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None, None)
+        return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None, None, None)
 
 
 def fa3_attention(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1,
+    schedule: str = "serial",
 ) -> Tensor:
     """Attention with :func:`fa3_forward` and, for the gradients, the Triton backward: what a dispatch to the Gluon kernel would run.
 
     Arguments and errors as for :func:`fa3_forward`; returns ``o``.
     """
-    return _FA3Attention.apply(q, k, v, causal, scale, warpgroups)
+    return _FA3Attention.apply(q, k, v, causal, scale, warpgroups, schedule)

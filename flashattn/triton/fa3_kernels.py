@@ -12,10 +12,20 @@ The kernel splits one program's warps by job, as FlashAttention-3 does
   online softmax in registers, and O += P V with a second WGMMA whose left
   operand, P, never leaves the registers; then it frees the slot.
 
-``CONSUMERS`` is 1 (the first step: the loads leave the consumer's
-instruction stream) or 2 (the second: two warpgroups share every K/V tile,
-so that one's exponentials can run while the other's WGMMA does; nothing
-orders them yet, the warp schedulers interleave them as they can).
+The steps toward FlashAttention-3's schedule are constexpr choices:
+
+(a) ``CONSUMERS=1, SCHEDULE_SERIAL``: the loads leave the consumer's
+    instruction stream; each product is waited for before the next step;
+(b) ``CONSUMERS=2``: two warpgroups share every K/V tile, so that one's
+    exponentials can run while the other's WGMMA does, as the warp
+    schedulers interleave them;
+(c) ``SCHEDULE_OVERLAP``: within a warpgroup, tile t's S = Q K^T is issued
+    with tile t-1's O += P V, and tile t's softmax runs while the second
+    product does (FlashAttention-3, section 3.2);
+(d) ``SCHEDULE_PINGPONG`` with two consumers: after issuing its products a
+    warpgroup hands the tensor cores to the other, through a pair of
+    mbarriers, so that their softmaxes alternate with each other's products
+    (section 3.1).
 
 They talk through mbarriers, one per slot and direction: ``k_ready`` and
 ``v_ready`` complete when the TMA has written the slot's bytes,
@@ -44,6 +54,10 @@ from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warp
 
 LN2 = gl.constexpr(0.6931471805599453)  # ln(2): log(x) == log2(x) * LN2
 CONSUMER_WARPS = gl.constexpr(4)  # one warpgroup: a WGMMA is issued by four warps together
+# how a consumer orders one key tile's work (fa3_consume)
+SCHEDULE_SERIAL = gl.constexpr(0)
+SCHEDULE_OVERLAP = gl.constexpr(1)
+SCHEDULE_PINGPONG = gl.constexpr(2)
 # a TMA load into shared memory: named async_copy_global_to_shared up to triton 3.6, async_load after
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
 
@@ -69,19 +83,64 @@ def fa3_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_r
 
 
 @gluon.jit
-def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
+def masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout: gl.constexpr, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr):
+    """Key tile ``t``'s scores in base 2: -inf where the key is past ``j`` or, causal, right of the diagonal."""
+    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+    keep = gl.expand_dims(cols < j, 0)
+    if CAUSAL:
+        keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag_offset, 1))
+    return gl.where(keep, qk * qk_scale, float("-inf"))
+
+
+@gluon.jit
+def softmax_step(s, m, l):
+    """One key tile into the online softmax: its p, the factor alpha for what came before, the new m and l."""
+    m_new = gl.maximum(m, gl.max(s, 1))
+    # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
+    m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
+    p = gl.exp2(s - gl.expand_dims(m_shift, 1))
+    alpha = gl.exp2(m - m_shift)
+    return p, alpha, m_new, l * alpha + gl.sum(p, 1)
+
+
+@gluon.jit
+def wait_turn(turn, k, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: wait until the other warpgroup hands over the tensor cores for this one's ``k``-th issue.
+
+    Warpgroup 0 goes first: its wait for parity 1 on a new barrier returns at once.
+    """
+    if PINGPONG:
+        mbarrier.wait(turn.index(CONSUMER), (k & 1) ^ (1 - CONSUMER))
+
+
+@gluon.jit
+def pass_turn(turn, CONSUMER: gl.constexpr, PINGPONG: gl.constexpr):
+    """Ping-pong: this warpgroup has issued its products; the other may issue its own."""
+    if PINGPONG:
+        mbarrier.arrive(turn.index(1 - CONSUMER), count=1)
+
+
+@gluon.jit
+def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, turn, o_ptr, lse_ptr,
                 stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale,
-                CONSUMER: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+                CONSUMER: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr, SCHEDULE: gl.constexpr):
     """Consumer warpgroup ``CONSUMER``: S = Q K^T, the online softmax, O += P V for its rows; then O and lse.
 
     ``start_m`` is the program's first row; this warpgroup's rows start
-    ``CONSUMER * BLOCK_M`` after it.
+    ``CONSUMER * BLOCK_M`` after it. ``SCHEDULE`` orders the work of one
+    key tile: ``SERIAL`` waits for each product before the next step;
+    ``OVERLAP`` issues tile t's S = Q K^T and tile t-1's O += P V together
+    and computes tile t's softmax while the second still runs (needs
+    ``n_tiles >= 1``); ``PINGPONG`` adds, with two consumers, the handing
+    over of the tensor cores between them after each issue.
     """
     BLOCK_M: gl.constexpr = q_smem.shape[3]
     D: gl.constexpr = q_smem.shape[4]
     BLOCK_N: gl.constexpr = k_smem.shape[3]
     DV: gl.constexpr = v_smem.shape[4]
     dtype: gl.constexpr = q_smem.dtype
+    PINGPONG: gl.constexpr = SCHEDULE == SCHEDULE_PINGPONG
     # where each thread holds its part of a WGMMA's accumulator: instruction tiles of 16 rows by
     # all the columns, K = 16 for 16-bit inputs, the four warps stacked along the rows
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CONSUMER_WARPS, 1],
@@ -92,6 +151,7 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr,
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
     col_layout: gl.constexpr = gl.SliceLayout(0, s_layout)
+    o_rows_layout: gl.constexpr = gl.SliceLayout(1, o_layout)
 
     start_m = start_m + CONSUMER * BLOCK_M
     rows = start_m + gl.arange(0, BLOCK_M, layout=row_layout)
@@ -103,39 +163,65 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr,
     diag_offset = j - i
 
     mbarrier.wait(q_bar, 0)
-    for t in range(n_tiles):
-        slot = t % STAGES
-        phase = (t // STAGES) & 1
-        mbarrier.wait(k_ready.index(slot), phase)
-        k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))  # K^T as a view: (D, BLOCK_N)
+    if SCHEDULE == SCHEDULE_SERIAL:
+        for t in range(n_tiles):
+            slot = t % STAGES
+            phase = (t // STAGES) & 1
+            mbarrier.wait(k_ready.index(slot), phase)
+            k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))  # K^T as a view: (D, BLOCK_N)
+            qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
+            qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
+            s = masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
+            p, alpha, m, l = softmax_step(s, m, l)
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows_layout), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_ready.index(slot), phase)
+            acc = warpgroup_mma(p_op, v_smem.index(slot).reshape([BLOCK_N, DV]), acc, is_async=True)
+            # p_op stays a dependency: the product reads it from registers until it completes
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            mbarrier.arrive(kv_free.index(slot), count=1)  # both products have read the slot
+    else:
+        # tile 0: its scores and softmax; its P V joins tile 1's scores
+        wait_turn(turn, 0, CONSUMER, PINGPONG)
+        mbarrier.wait(k_ready.index(0), 0)
+        k_t = k_smem.index(0).reshape([BLOCK_N, D]).permute((1, 0))
         qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
+        pass_turn(turn, CONSUMER, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-
-        cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
-        keep = gl.expand_dims(cols < j, 0)
-        if CAUSAL:
-            keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag_offset, 1))
-        s = gl.where(keep, qk * qk_scale, float("-inf"))
-        m_new = gl.maximum(m, gl.max(s, 1))
-        # a row with nothing kept so far has m_new = -inf; shifting it by 0 keeps its p at 0, not NaN
-        m_shift = gl.where(m_new == float("-inf"), 0.0, m_new)
-        p = gl.exp2(s - gl.expand_dims(m_shift, 1))
-        alpha = gl.exp2(m - m_shift)
-        l = l * alpha + gl.sum(p, 1)
-        m = m_new
-
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        mbarrier.wait(v_ready.index(slot), phase)
-        acc = warpgroup_mma(p_op, v_smem.index(slot).reshape([BLOCK_N, DV]), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
-        mbarrier.arrive(kv_free.index(slot), count=1)  # both products have read the slot
+        p, alpha, m, l = softmax_step(masked_scores(qk, 0, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N,
+                                                    CAUSAL), m, l)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)  # acc is zero: nothing to rescale yet
+        for t in range(1, n_tiles):
+            slot = t % STAGES
+            prev = (t - 1) % STAGES
+            wait_turn(turn, t, CONSUMER, PINGPONG)
+            mbarrier.wait(k_ready.index(slot), (t // STAGES) & 1)
+            k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))
+            qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(prev), ((t - 1) // STAGES) & 1)
+            acc = warpgroup_mma(p_op, v_smem.index(prev).reshape([BLOCK_N, DV]), acc, is_async=True)
+            pass_turn(turn, CONSUMER, PINGPONG)
+            # products complete in the order they were issued: one left outstanding is tile t-1's P V
+            qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
+            s = masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
+            p, alpha, m, l = softmax_step(s, m, l)  # while tile t-1's P V runs
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+            mbarrier.arrive(kv_free.index(prev), count=1)  # K_{t-1} and V_{t-1} are read
+            acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows_layout), 1)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+        last = (n_tiles - 1) % STAGES
+        wait_turn(turn, n_tiles, CONSUMER, PINGPONG)
+        mbarrier.wait(v_ready.index(last), ((n_tiles - 1) // STAGES) & 1)
+        acc = warpgroup_mma(p_op, v_smem.index(last).reshape([BLOCK_N, DV]), acc, is_async=True)
+        pass_turn(turn, CONSUMER, PINGPONG)
+        acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
+        mbarrier.arrive(kv_free.index(last), count=1)
 
     # a row with no key has acc = 0 and m = -inf: dividing by 1 gives o = 0 and lse = -inf
     l = gl.where(l == 0.0, 1.0, l)
     lse = (m + gl.log2(l)) * LN2
-    o = acc / gl.expand_dims(gl.convert_layout(l, gl.SliceLayout(1, o_layout)), 1)
-    o_rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+    o = acc / gl.expand_dims(gl.convert_layout(l, o_rows_layout), 1)
+    o_rows = start_m + gl.arange(0, BLOCK_M, layout=o_rows_layout)
     o_cols = gl.arange(0, DV, layout=gl.SliceLayout(0, o_layout))
     o_base = o_ptr + batch.to(gl.int64) * stride_ob + head.to(gl.int64) * stride_oh
     o_ptrs = o_base + gl.expand_dims(o_rows.to(gl.int64) * stride_oi, 1) + gl.expand_dims(o_cols, 0)
@@ -145,24 +231,28 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr,
 
 
 @gluon.jit
-def fa3_worker(load_args, consume_args, ROLE: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr):
+def fa3_worker(load_args, consume_args, ROLE: gl.constexpr, CAUSAL: gl.constexpr, STAGES: gl.constexpr,
+               SCHEDULE: gl.constexpr):
     """A worker partition: the producer (``ROLE`` 0) or consumer warpgroup ``ROLE`` (1 on)."""
     if ROLE == 0:
         fa3_load(*load_args, STAGES)
     else:
-        fa3_consume(*consume_args, ROLE, CAUSAL, STAGES)
+        fa3_consume(*consume_args, ROLE, CAUSAL, STAGES, SCHEDULE)
 
 
 @gluon.jit
 def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
                    stride_ob, stride_oh, stride_oi,
                    h, g, i, j, qk_scale,
-                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1):
+                   CAUSAL: gl.constexpr, STAGES: gl.constexpr, CONSUMERS: gl.constexpr = 1,
+                   SCHEDULE: gl.constexpr = SCHEDULE_SERIAL):
     """O and lse for one tile of ``CONSUMERS * BLOCK_M`` queries: grid (n_q_tiles, h, b); num_warps=4.
 
     ``CONSUMERS`` warpgroups share each K/V slot, each with ``BLOCK_M`` rows
     of its own (step (b): while one computes its exponentials, the other's
     WGMMA can run); the first is the default partition, the others workers.
+    ``SCHEDULE`` is that of ``fa3_consume``; ``SCHEDULE_PINGPONG`` needs two
+    consumers.
     """
     BLOCK_M: gl.constexpr = q_desc.block_type.shape[2]
     BLOCK_N: gl.constexpr = k_desc.block_type.shape[2]
@@ -180,6 +270,9 @@ def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
     else:
         hi = j
     n_tiles = gl.cdiv(hi, BLOCK_N)
+    if SCHEDULE != SCHEDULE_SERIAL:
+        # the overlapped loop starts with tile 0; a program whose rows see no key reads it, all masked
+        n_tiles = gl.maximum(n_tiles, 1)
 
     q_smem = gl.allocate_shared_memory(dtype, [CONSUMERS] + q_desc.block_type.shape, q_desc.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES] + k_desc.block_type.shape, k_desc.layout)
@@ -188,7 +281,10 @@ def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
     k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     kv_free = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())  # ping-pong: whose turn
     mbarrier.init(q_bar, count=1)
+    mbarrier.init(turn.index(0), count=1)
+    mbarrier.init(turn.index(1), count=1)
     for slot in gl.static_range(STAGES):
         mbarrier.init(k_ready.index(slot), count=1)
         mbarrier.init(v_ready.index(slot), count=1)
@@ -196,16 +292,16 @@ def fa3_fwd_kernel(q_desc, k_desc, v_desc, o_ptr, lse_ptr,
 
     load_args = (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free,
                  batch, head, head // g, start_m, n_tiles)
-    consume_args = (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, o_ptr, lse_ptr,
+    consume_args = (q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, turn, o_ptr, lse_ptr,
                     stride_ob, stride_oh, stride_oi, batch, head, h, i, j, start_m, n_tiles, qk_scale)
     if CONSUMERS == 1:
         gl.warp_specialize([
-            (fa3_consume, consume_args + (0, CAUSAL, STAGES)),
-            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES)),
+            (fa3_consume, consume_args + (0, CAUSAL, STAGES, SCHEDULE)),
+            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES, SCHEDULE)),
         ], [1], [24])
     else:
         gl.warp_specialize([
-            (fa3_consume, consume_args + (0, CAUSAL, STAGES)),
-            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES)),
-            (fa3_worker, (load_args, consume_args, 1, CAUSAL, STAGES)),
+            (fa3_consume, consume_args + (0, CAUSAL, STAGES, SCHEDULE)),
+            (fa3_worker, (load_args, consume_args, 0, CAUSAL, STAGES, SCHEDULE)),
+            (fa3_worker, (load_args, consume_args, 1, CAUSAL, STAGES, SCHEDULE)),
         ], [1, 4], [24, 240])
