@@ -68,7 +68,8 @@ def fa3_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
         return f"the Gluon kernel runs on a Hopper GPU (Gluon has no CPU interpreter), got q on {q.device}"
     capability = torch.cuda.get_device_capability(q.device)
     if capability[0] != 9:
-        return f"the Gluon kernel uses WGMMA and TMA, which need compute capability 9.x; this GPU has {capability[0]}.{capability[1]}"
+        return ("the Gluon kernel uses WGMMA and TMA, which need compute capability 9.x; "
+                f"this GPU has {capability[0]}.{capability[1]}")
     return None
 
 
@@ -151,7 +152,7 @@ def fa3_attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, scale: float | None = None, warpgroups: int = 1,
     schedule: str = "serial",
 ) -> Tensor:
-    """Attention with :func:`fa3_forward` and, for the gradients, the Triton backward: what a dispatch to the Gluon kernel would run.
+    """Attention by :func:`fa3_forward`, its gradients by the Triton backward: what a dispatch to Gluon would run.
 
     Arguments and errors as for :func:`fa3_forward`; returns ``o``.
     """

@@ -44,8 +44,7 @@ never reaches into the next head: rows past ``i`` or ``j`` arrive as zeros.
 Scores are base 2 (``qk_scale = scale * log2(e)``). The causal rule is the
 bottom-right one (key ``c`` visible to query ``r`` when ``c <= r + j - i``);
 a row that sees no key gets o = 0 and lse = -inf, as in the Triton kernels.
-Every key tile is masked here, the diagonal ones and the others alike: the
-step that splits the loop comes later.
+Only the key tiles that cross ``j`` or the diagonal are masked.
 """
 
 from triton.experimental import gluon
@@ -83,14 +82,27 @@ def fa3_load(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, q_bar, k_ready, v_r
 
 
 @gluon.jit
-def masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout: gl.constexpr, BLOCK_N: gl.constexpr,
-                  CAUSAL: gl.constexpr):
-    """Key tile ``t``'s scores in base 2: -inf where the key is past ``j`` or, causal, right of the diagonal."""
-    cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
-    keep = gl.expand_dims(cols < j, 0)
+def masked_scores(qk, t, first_row, rows, j, diag_offset, qk_scale, col_layout: gl.constexpr,
+                  BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+    """Key tile ``t``'s scores in base 2: -inf where the key is past ``j`` or, causal, right of the diagonal.
+
+    Only a tile that reaches past ``j``, or past the diagonal of the
+    warpgroup's first row ``first_row``, is masked: the others are every
+    tile but the last few, and their scores skip the comparisons.
+    """
+    last_key = t * BLOCK_N + BLOCK_N - 1
+    crosses = last_key >= j
     if CAUSAL:
-        keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag_offset, 1))
-    return gl.where(keep, qk * qk_scale, float("-inf"))
+        crosses = crosses | (last_key > first_row + diag_offset)
+    if crosses:
+        cols = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=col_layout)
+        keep = gl.expand_dims(cols < j, 0)
+        if CAUSAL:
+            keep = keep & (gl.expand_dims(cols, 0) <= gl.expand_dims(rows + diag_offset, 1))
+        s = gl.where(keep, qk * qk_scale, float("-inf"))
+    else:
+        s = qk * qk_scale
+    return s
 
 
 @gluon.jit
@@ -171,7 +183,7 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, turn, 
             k_t = k_smem.index(slot).reshape([BLOCK_N, D]).permute((1, 0))  # K^T as a view: (D, BLOCK_N)
             qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
             qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-            s = masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
+            s = masked_scores(qk, t, start_m, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
             p, alpha, m, l = softmax_step(s, m, l)
             acc = acc * gl.expand_dims(gl.convert_layout(alpha, o_rows_layout), 1)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -188,8 +200,8 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, turn, 
         qk = warpgroup_mma(q, k_t, no_scores, use_acc=False, is_async=True)
         pass_turn(turn, CONSUMER, PINGPONG)
         qk = warpgroup_mma_wait(num_outstanding=0, deps=(qk,))
-        p, alpha, m, l = softmax_step(masked_scores(qk, 0, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N,
-                                                    CAUSAL), m, l)
+        s = masked_scores(qk, 0, start_m, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
+        p, alpha, m, l = softmax_step(s, m, l)
         p_op = gl.convert_layout(p.to(dtype), p_layout)  # acc is zero: nothing to rescale yet
         for t in range(1, n_tiles):
             slot = t % STAGES
@@ -203,7 +215,7 @@ def fa3_consume(q_smem, k_smem, v_smem, q_bar, k_ready, v_ready, kv_free, turn, 
             pass_turn(turn, CONSUMER, PINGPONG)
             # products complete in the order they were issued: one left outstanding is tile t-1's P V
             qk = warpgroup_mma_wait(num_outstanding=1, deps=(qk,))
-            s = masked_scores(qk, t, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
+            s = masked_scores(qk, t, start_m, rows, j, diag_offset, qk_scale, col_layout, BLOCK_N, CAUSAL)
             p, alpha, m, l = softmax_step(s, m, l)  # while tile t-1's P V runs
             acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             mbarrier.arrive(kv_free.index(prev), count=1)  # K_{t-1} and V_{t-1} are read
