@@ -12,6 +12,7 @@ Gluon has no CPU interpreter, so those skip elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from pathlib import Path
@@ -19,8 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from flashattn import FlashAttention
-from flashattn.triton import fa3, runtime
+from flashattn import FlashAttention, triton_attention
+from flashattn.triton import attention, fa3, runtime
+from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import _installed_triton, _parse
 from reference import reference_attention
 from test_triton_attention import RATIO_FLOOR, errors, make_inputs
@@ -130,6 +132,39 @@ def test_the_launch_describes_each_head_and_covers_every_row(monkeypatch, warpgr
                           num_warps=4)
 
 
+def test_triton_attention_takes_the_gluon_forward_only_where_a_row_says_so_and_it_runs(monkeypatch):
+    base = KernelConfigs(TileConfig(1, 1, 1, 1), TileConfig(2, 2, 2, 2), TileConfig(3, 3, 3, 3))
+    x = torch.empty(1, 2, 4096, 128, dtype=torch.bfloat16)
+    capability = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(runtime, "_installed_triton", lambda: "3.6.0")
+    cuda = torch.device("cuda")
+    assert fa3.gluon_table() == {}  # until the kernel is measured faster somewhere, nothing changes
+    assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
+    row = fa3.GluonLaunch(2, "pingpong")
+    with fa3.gluon_rows({(128, False, "long"): row}):
+        assert fa3.gluon_configs(base, cuda, False, x, x, x) == dataclasses.replace(base, fwd=row)
+        assert fa3.gluon_configs(base, cuda, True, x, x, x) == base  # no causal row
+        short = x[:, :, :1024]
+        assert fa3.gluon_configs(base, cuda, False, short, short, short) == base  # no short row
+        assert fa3.gluon_configs(base, cuda, False, x.float(), x.float(), x.float()) == base  # float32
+        capability = (8, 0)  # an A100: the Triton kernels, silently
+        assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
+        capability = (9, 0)
+        monkeypatch.setattr(runtime, "_installed_triton", lambda: "3.7.0")  # a Gluon it was not built with
+        assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
+    assert fa3.gluon_table() == {}  # the rows are the block's only
+
+
+def test_the_forward_of_a_gluon_launch_is_the_gluon_kernel(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fa3, "launch_gluon", lambda *args: calls.append(args) or ("o", "lse"))
+    x = torch.empty(1, 2, 8, 64, dtype=torch.bfloat16)
+    cfg = fa3.GluonLaunch(1, "overlap")
+    assert attention.launch_forward(x, x, x, True, 0.125, cfg) == ("o", "lse")
+    assert calls == [(x, x, x, True, 0.125, cfg)]
+
+
 # -- on a Hopper GPU ---------------------------------------------------------------------------
 
 HOPPER_CASES = [
@@ -190,3 +225,21 @@ def test_strided_inputs(warpgroups, schedule):
     pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
     error, sdpa = ((x.double() - want).abs().max().item() for x in (o, pytorch))
     assert error <= max(2 * sdpa, RATIO_FLOOR[torch.bfloat16] * want.abs().max().item()), (error, sdpa)
+
+
+@on_hopper
+@pytest.mark.parametrize("causal", [False, True])
+def test_triton_attention_with_a_gluon_row(causal, monkeypatch):
+    # a row of the Gluon table: triton_attention's forward is the Gluon kernel, its backward the Triton one
+    launched = []
+    launch_gluon = fa3.launch_gluon
+    monkeypatch.setattr(fa3, "launch_gluon", lambda *args: launched.append(args[-1]) or launch_gluon(*args))
+    q, k, v, do = make_inputs(2, 8, 2, 1500, 1500, 128, 128, torch.bfloat16, seed=7, device="cuda")
+    row = fa3.GluonLaunch(2, "pingpong")
+    with fa3.gluon_rows({(128, causal, "long"): row}):
+        ours = errors(lambda q, k, v: triton_attention(q, k, v, causal=causal), q, k, v, do, causal)
+    assert launched == [row]
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    pytorch = errors(lambda q, k, v: FlashAttention(causal=causal)(q, k, v), q, k, v, do, causal)
+    for name in ours:
+        assert ours[name] <= max(2 * pytorch[name], RATIO_FLOOR[torch.bfloat16]), (name, ours, pytorch)

@@ -12,7 +12,8 @@ through Triton's interpreter (triton 3.7 or newer).
 keyed by GPU architecture, head dimension and sequence length
 (:mod:`flashattn.triton.launch`). On Hopper, the kernels that move their
 tiles by TMA (:mod:`flashattn.triton.hopper`) take the place of those that
-were measured slower there.
+were measured slower there, and so would the Gluon forward
+(:mod:`flashattn.triton.fa3`) where its table has a row.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from ..inputs import Prepared, check_flag, prepare
 from ..tiled import tiled_attention, tiled_backward, tiled_forward_fa2
-from . import hopper
+from . import fa3, hopper
+from .fa3 import GluonLaunch
 from .hopper import HopperLaunch
 from .launch import (
     KERNEL_DTYPES, MAX_HEAD_DIM, PREPROCESS_BLOCK_Q, KernelConfigs, TileConfig, fit_head_dim, is_forced, kernel_operands,
@@ -47,11 +49,13 @@ def _run(name: str, grid: tuple[int, int, int], *args: object, **kwargs: object)
 
 
 def launch_forward(
-    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: TileConfig | HopperLaunch
+    q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, cfg: TileConfig | HopperLaunch | GluonLaunch
 ) -> tuple[Tensor, Tensor]:
     """Run the forward kernel: returns ``o`` (b, h, i, d_v) and ``lse`` (b, h, i) float32."""
     if isinstance(cfg, HopperLaunch):
         return hopper.forward(q, k, v, causal, scale, cfg)
+    if isinstance(cfg, GluonLaunch):
+        return fa3.launch_gluon(q, k, v, causal, scale, cfg)
     b, h, i, d = q.shape
     h_kv, j, d_v = k.shape[1], k.shape[2], v.shape[3]
     o = q.new_empty(b, h, i, d_v)
@@ -202,6 +206,7 @@ def kernel_inputs(q: Tensor, x: Prepared, causal: bool = False) -> KernelInputs:
     configs = pick_configs(q.device, q_k.dtype, q_k.shape[-1], q.shape[2], k.shape[2], interpreted)
     if not interpreted and not is_forced():
         configs = hopper.hopper_configs(configs, q.device, q_k.shape[-1], causal, q.shape[2], k.shape[2], q_k, k, v)
+        configs = fa3.gluon_configs(configs, q.device, causal, q_k, k, v)
     return KernelInputs(q_k, k, v, scale, configs, d_v, q.dtype, negated)
 
 

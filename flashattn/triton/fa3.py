@@ -22,16 +22,21 @@ rows were chosen.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 from torch import Tensor
 
 from ..inputs import check_flag, prepare
-from .hopper import TMA_DTYPES, tma_fits
 from . import runtime
+from .hopper import HOPPER_SHORT, TMA_DTYPES, tma_fits
+from .launch import KernelConfigs, device_capability
 
 GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles the kernel for sm90
 HEAD_DIMS = (64, 128)
@@ -47,11 +52,8 @@ STEPS = ((1, "serial"), (2, "serial"), (1, "overlap"), (2, "overlap"), (2, "ping
 STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
 
 
-def fa3_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
-    """Why :func:`fa3_forward` cannot run on these inputs here, in one line; None when it can.
-
-    ``q`` (b, h, i, d), ``k`` and ``v`` (b, h_kv, j, d), as the kernels take them.
-    """
+def _inputs_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why the kernel cannot take these inputs with this triton, wherever they live; None when it can."""
     version = runtime._installed_triton()
     if version is None or runtime._parse(version) not in GLUON_TRITONS:
         tested = ", ".join(f"{major}.{minor}" for major, minor in GLUON_TRITONS)
@@ -64,13 +66,32 @@ def fa3_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     if not tma_fits(q, k, v):
         return ("TMA descriptors need a last stride of 1 and every other stride and the base address on 16 bytes; "
                 f"got strides q {tuple(q.stride())}, k {tuple(k.stride())}, v {tuple(v.stride())}")
+    return None
+
+
+def fa3_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
+    """Why :func:`fa3_forward` cannot run on these inputs here, in one line; None when it can.
+
+    ``q`` (b, h, i, d), ``k`` and ``v`` (b, h_kv, j, d), as the kernels take them.
+    """
+    reason = _inputs_unsupported(q, k, v)
+    if reason is not None:
+        return reason
     if q.device.type != "cuda":
         return f"the Gluon kernel runs on a Hopper GPU (Gluon has no CPU interpreter), got q on {q.device}"
-    capability = torch.cuda.get_device_capability(q.device)
+    capability = device_capability(q.device)
     if capability[0] != 9:
         return ("the Gluon kernel uses WGMMA and TMA, which need compute capability 9.x; "
                 f"this GPU has {capability[0]}.{capability[1]}")
     return None
+
+
+@dataclass(frozen=True)
+class GluonLaunch:
+    """How ``triton_attention`` runs its forward with the Gluon kernel: consumer warpgroups and schedule."""
+
+    warpgroups: int
+    schedule: str
 
 
 def _kernels() -> ModuleType:
@@ -112,20 +133,70 @@ def fa3_forward(
     reason = fa3_unsupported(q, x.k, x.v)
     if reason is not None:
         raise ValueError(f"fa3_forward: {reason}")
-    b, h, i, d = q.shape
-    j = x.k.shape[2]
-    o = q.new_empty(b, h, i, d)
-    lse = q.new_empty(b, h, i, dtype=torch.float32)
     if x.is_empty:  # no kernel on an empty grid; a row without keys has o = 0 and lse = -inf
-        return o.zero_(), lse.fill_(-math.inf)
+        b, h, i, d = q.shape
+        return q.new_zeros(b, h, i, d), q.new_full((b, h, i), -math.inf, dtype=torch.float32)
     # the kernel scales the row maximum, which needs scale >= 0; (-q) k^T |scale| is the same scores
     q_k, scale = (-q, -x.scale) if x.scale < 0 else (q, x.scale)
-    _kernels().fa3_fwd_kernel[(math.ceil(i / (warpgroups * BLOCK_M)), h, b)](
-        _descriptor(q_k, BLOCK_M), _descriptor(x.k, BLOCK_N), _descriptor(x.v, BLOCK_N), o, lse,
-        *o.stride()[:3], h, x.group, i, j, scale * math.log2(math.e),
-        CAUSAL=causal, STAGES=STAGES, CONSUMERS=warpgroups, SCHEDULE=SCHEDULES[schedule], num_warps=4,
+    return launch_gluon(q_k, x.k, x.v, causal, scale, GluonLaunch(warpgroups, schedule))
+
+
+def launch_gluon(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                 cfg: GluonLaunch) -> tuple[Tensor, Tensor]:
+    """Run the Gluon forward on inputs already checked: ``(o, lse)``, as ``attention.launch_forward`` returns them.
+
+    ``scale`` must not be negative.
+    """
+    b, h, i, _ = q.shape
+    j = k.shape[2]
+    o = q.new_empty(b, h, i, v.shape[-1])
+    lse = q.new_empty(b, h, i, dtype=torch.float32)
+    _kernels().fa3_fwd_kernel[(math.ceil(i / (cfg.warpgroups * BLOCK_M)), h, b)](
+        _descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), o, lse,
+        *o.stride()[:3], h, h // k.shape[1], i, j, scale * math.log2(math.e),
+        CAUSAL=causal, STAGES=STAGES, CONSUMERS=cfg.warpgroups, SCHEDULE=SCHEDULES[cfg.schedule], num_warps=4,
     )
     return o, lse
+
+
+# (head dimension, causal, length) -> the Gluon forward's launch for triton_attention, where it was measured
+# faster than the forward that hopper.hopper_configs chooses. "short": neither i nor j above HOPPER_SHORT.
+# Empty: the kernel has not been measured on a GPU yet (bench_triton.py --providers ... fa3_a .. fa3_d).
+_GLUON_TABLE: dict[tuple[int, bool, str], GluonLaunch] = {}
+
+
+def gluon_table() -> dict[tuple[int, bool, str], GluonLaunch]:
+    """The Gluon forward's rows, keyed by (head dimension, causal, length), as a new dict."""
+    return dict(_GLUON_TABLE)
+
+
+@contextlib.contextmanager
+def gluon_rows(rows: dict[tuple[int, bool, str], GluonLaunch]) -> Iterator[None]:
+    """Within the block, ``triton_attention`` takes the Gluon forward at ``rows`` (in place of the table's)."""
+    global _GLUON_TABLE
+    before, _GLUON_TABLE = _GLUON_TABLE, dict(rows)
+    try:
+        yield
+    finally:
+        _GLUON_TABLE = before
+
+
+def gluon_configs(configs: KernelConfigs, device: torch.device, causal: bool, q: Tensor, k: Tensor,
+                  v: Tensor) -> KernelConfigs:
+    """``configs`` with the Gluon forward in place of ``configs.fwd`` where ``_GLUON_TABLE`` has a row and it runs.
+
+    It runs on a GPU of compute capability 9.x, with a triton of
+    ``GLUON_TRITONS``, for inputs it takes (:func:`fa3_unsupported`);
+    anywhere else ``configs`` comes back unchanged, and the Triton kernels
+    run as before, without a word to the caller.
+    """
+    if not _GLUON_TABLE:
+        return configs
+    key = (q.shape[-1], causal, "short" if max(q.shape[2], k.shape[2]) <= HOPPER_SHORT else "long")
+    cfg = _GLUON_TABLE.get(key)
+    if cfg is None or device_capability(device)[0] != 9 or _inputs_unsupported(q, k, v) is not None:
+        return configs
+    return dataclasses.replace(configs, fwd=cfg)
 
 
 class _FA3Attention(torch.autograd.Function):
@@ -142,7 +213,7 @@ class _FA3Attention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do: Tensor) -> tuple[Tensor | None, ...]:
-        from .attention import triton_backward  # the module that imports this one's neighbours
+        from .attention import triton_backward  # here, not at the top: attention imports this module
 
         q, k, v, o, lse = ctx.saved_tensors
         return (*triton_backward(do, q, k, v, o, lse, causal=ctx.causal, scale=ctx.scale), None, None, None, None)
