@@ -70,10 +70,9 @@ from timing import ROUNDS, compare  # noqa: E402
 DEVICE = torch.device("cuda")
 TOKENS, WIDTH = 16384, 2048
 PROVIDERS = ("triton", "triton_pointers", "sdpa_default", "sdpa_flash", "sdpa_cudnn", "flex")
-# named with --providers only: the Gluon forward (Hopper, bf16/fp16, d = 64 or 128) with the Triton backward
-# the Gluon forward's steps (flashattn.triton.fa3.STEPS): warpgroups and schedule
-FA3_STEPS = {"fa3_a": (1, "serial"), "fa3_b": (2, "serial"), "fa3_c": (1, "overlap"), "fa3_c2": (2, "overlap"),
-             "fa3_d": (2, "pingpong")}
+# named with --providers only: the Gluon forward (Hopper, bf16/fp16, d = 64 or 128) with the Triton backward,
+# at each of its steps (flashattn.triton.fa3.STEPS): fa3_1wg_serial, fa3_2wg_serial, ..., fa3_2wg_pingpong
+FA3_STEPS = {f"fa3_{warpgroups}wg_{schedule}": (warpgroups, schedule) for warpgroups, schedule in fa3.STEPS}
 OPTIONAL_PROVIDERS = tuple(FA3_STEPS)
 MODES = ("fwd", "fwd_bwd")
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}

@@ -15,9 +15,9 @@ between releases (``tma.async_copy_global_to_shared`` became
 versions in ``GLUON_TRITONS``: with each, it compiles for sm90 without a
 spill (tests/test_fa3.py). Gluon has no CPU interpreter; the kernel runs on
 a Hopper GPU only, where tests/test_fa3.py checks it against float64.
-``triton_attention`` does not dispatch to it: that waits for its measured
-speed against the Triton kernels, kernel by kernel, as the Hopper table's
-rows were chosen.
+``triton_attention`` takes it for its forward where ``_GLUON_TABLE`` has a
+row (:func:`gluon_configs`): where it was measured faster, as the Hopper
+table's rows were chosen. The table is empty until it is measured.
 """
 
 from __future__ import annotations
@@ -35,22 +35,21 @@ from torch import Tensor
 
 from ..inputs import check_flag, prepare
 from . import runtime
-from .hopper import HOPPER_SHORT, TMA_DTYPES, tma_fits
+from .hopper import TMA_DTYPES, hopper_key, tma_fits
 from .launch import KernelConfigs, device_capability
 
 GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles the kernel for sm90
 HEAD_DIMS = (64, 128)
 BLOCK_M = 64  # query rows per consumer warpgroup: its WGMMA tile
+BLOCK_N = 128  # keys per tile
+STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
 WARPGROUPS = (1, 2)  # consumer warpgroups per program: step (a) has one, step (b) two that share the K/V slots
 # how a consumer orders one key tile's work (fa3_kernels.fa3_consume): each product waited for before the
 # next step; the next tile's scores issued with this tile's P V and the softmax run while P V does (step c);
 # that, and two warpgroups handing the tensor cores to each other after each issue (step d)
 SCHEDULES = {"serial": 0, "overlap": 1, "pingpong": 2}
-BLOCK_N = 128  # keys per tile
 # the launches a reader can compare, in the order the chapter builds them: (warpgroups, schedule)
 STEPS = ((1, "serial"), (2, "serial"), (1, "overlap"), (2, "overlap"), (2, "pingpong"))
-STAGES = 2  # K/V slots in shared memory: 16 KiB of Q + 2 x 64 KiB of K and V at d = 128, bfloat16
-
 
 def _inputs_unsupported(q: Tensor, k: Tensor, v: Tensor) -> str | None:
     """Why the kernel cannot take these inputs with this triton, wherever they live; None when it can."""
@@ -160,8 +159,8 @@ def launch_gluon(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 
 
 # (head dimension, causal, length) -> the Gluon forward's launch for triton_attention, where it was measured
-# faster than the forward that hopper.hopper_configs chooses. "short": neither i nor j above HOPPER_SHORT.
-# Empty: the kernel has not been measured on a GPU yet (bench_triton.py --providers ... fa3_a .. fa3_d).
+# faster than the forward that hopper.hopper_configs chooses (keys as hopper.hopper_key makes them).
+# Empty: the kernel has not been measured on a GPU yet (bench_triton.py --providers with fa3_* names).
 _GLUON_TABLE: dict[tuple[int, bool, str], GluonLaunch] = {}
 
 
@@ -192,8 +191,7 @@ def gluon_configs(configs: KernelConfigs, device: torch.device, causal: bool, q:
     """
     if not _GLUON_TABLE:
         return configs
-    key = (q.shape[-1], causal, "short" if max(q.shape[2], k.shape[2]) <= HOPPER_SHORT else "long")
-    cfg = _GLUON_TABLE.get(key)
+    cfg = _GLUON_TABLE.get(hopper_key(q.shape[-1], causal, q.shape[2], k.shape[2]))
     if cfg is None or device_capability(device)[0] != 9 or _inputs_unsupported(q, k, v) is not None:
         return configs
     return dataclasses.replace(configs, fwd=cfg)

@@ -72,6 +72,11 @@ def hopper_table() -> dict[tuple[int, bool, str], tuple[HopperLaunch | None, Hop
     return dict(_HOPPER_TABLE)
 
 
+def hopper_key(head_dim: int, causal: bool, i: int, j: int) -> tuple[int, bool, str]:
+    """The row of a Hopper table (this module's, and ``fa3``'s): padded head dimension, causal, length."""
+    return max(head_dim, 64), causal, "short" if max(i, j) <= HOPPER_SHORT else "long"
+
+
 @contextlib.contextmanager
 def tma_kernels(enabled: bool) -> Iterator[None]:
     """Within the block, let ``triton_attention`` take the Hopper kernels (the default) or not: to compare the two."""
@@ -90,7 +95,7 @@ def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, 
     They apply on a GPU of compute capability 9.x, for head dimensions up to
     128, when every one of ``tensors`` fits a TMA descriptor.
     """
-    key = (max(head_dim, 64), causal, "short" if max(i, j) <= HOPPER_SHORT else "long")
+    key = hopper_key(head_dim, causal, i, j)
     if not _enabled or key not in _HOPPER_TABLE or device_capability(device)[0] != 9 or not tma_fits(*tensors):
         return configs
     merged = _merged.get((configs, key))
