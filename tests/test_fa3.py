@@ -147,6 +147,8 @@ def test_triton_attention_takes_the_gluon_forward_only_where_a_row_says_so_and_i
         assert fa3.gluon_configs(base, cuda, True, x, x, x) == base  # no causal row
         short = x[:, :, :1024]
         assert fa3.gluon_configs(base, cuda, False, short, short, short) == base  # no short row
+        # "long" when either length is: 1024 queries against 4096 keys take the row
+        assert fa3.gluon_configs(base, cuda, False, short, x, x) == dataclasses.replace(base, fwd=row)
         assert fa3.gluon_configs(base, cuda, False, x.float(), x.float(), x.float()) == base  # float32
         capability = (8, 0)  # an A100: the Triton kernels, silently
         assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
