@@ -9,7 +9,8 @@
 #   bash scripts/emulated_gpu_run.sh [t4] [a100]
 #
 # The GPUs run one after the other, or side by side with PARALLEL=1 (the runner's GPU has the memory
-# of both caps); CHAPTERS (notebook names, space-separated) runs only those chapters.
+# of both caps); CHAPTERS (notebook names, space-separated) runs only those chapters, and with UPDATE=1
+# their results replace theirs in the committed record (execute_notebooks.py --update), the others stay.
 #
 # Needs nbclient and ipykernel (scripts/runner_env.sh installs them from .whl/ when missing).
 set -uo pipefail
@@ -28,8 +29,13 @@ fi
 run() {  # run GPU: every chapter under that GPU's emulation
     local executed
     executed=$(mktemp -d)
+    local update=()
+    if [ -n "${UPDATE:-}" ]; then
+        [ -e "$out/emulated-$1.json" ] || cp "benchmarks/results/emulated-$1.json" "$out/" || return 1
+        update=(--update)
+    fi
     echo "== chapters on an emulated $1"
-    FLASHATTN_EMULATE_GPU=$1 FLASHATTN_EMULATE_STRICT=1 "$py" scripts/execute_notebooks.py \
+    FLASHATTN_EMULATE_GPU=$1 FLASHATTN_EMULATE_STRICT=1 "$py" scripts/execute_notebooks.py "${update[@]}" \
         --out "$executed" --report "$out/emulated-$1.json" "${notebooks[@]}" >"$out/emulated-$1.log" 2>&1
     local rc=$?
     cat "$out/emulated-$1.log"

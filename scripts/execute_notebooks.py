@@ -13,6 +13,11 @@ writes a JSON record: the commit, the versions, and per chapter whether it
 finished, the cell that raised, and the lines it printed for what it skipped.
 A notebook with a cell that raises is written with the error in its outputs,
 the others still run, and the command exits with status 1.
+
+With ``--update``, the record at ``--report`` is brought up to date rather
+than replaced: the chapters of this run replace theirs, the others stay as
+they were. Every chapter names the commit it was executed at, so a record
+that mixes runs says so; the device and emulation must be the record's.
 """
 
 from __future__ import annotations
@@ -66,16 +71,35 @@ def environment() -> dict:
     return {**run_info(), "emulation": os.environ.get("FLASHATTN_EMULATE_GPU") or None}
 
 
+def updated(earlier: dict, run: dict) -> dict:
+    """The record ``earlier`` with the chapters of ``run`` in place of its own; run's commit and versions on top."""
+    for key in ("device", "emulation"):
+        if earlier.get(key) != run.get(key):
+            raise SystemExit(f"--update: the record's {key} is {earlier.get(key)!r}, this run's {run.get(key)!r}; "
+                             "a record holds the runs of one machine")
+    ran = {c["notebook"] for c in run["chapters"]}
+    kept = [dict(c, commit=c.get("commit", earlier["git"]["commit"])) for c in earlier["chapters"]
+            if c["notebook"] not in ran]
+    chapters = sorted(kept + run["chapters"], key=lambda c: c["notebook"])
+    failed = sum(not c["passed"] for c in chapters)
+    return {**run, "chapters": chapters, "summary": f"{len(chapters) - failed} passed, {failed} failed"}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("notebooks", nargs="+")
     parser.add_argument("--out", help="write the executed notebooks into this folder, not in place")
     parser.add_argument("--report", help="write a JSON record of the run here")
+    parser.add_argument("--update", action="store_true",
+                        help="with --report: replace only this run's chapters in the record there")
     args = parser.parse_args()
+    if args.update and not (args.report and Path(args.report).exists()):
+        parser.error("--update needs --report naming an existing record")
+    earlier = json.loads(Path(args.report).read_text()) if args.update else None
     chapters, failed = [], []
     info = environment() if args.report else {}
     for path in args.notebooks:
-        record = {"notebook": Path(path).name}
+        record = {"notebook": Path(path).name, **({"commit": info["git"]["commit"]} if info else {})}
         try:
             seconds, nb = execute(path, args.out)
             print(f"executed {path} in {seconds:.0f} s", flush=True)
@@ -93,6 +117,8 @@ def main() -> int:
         if args.report:  # after every chapter, so that a run cut short still leaves its record
             report = {**info, "chapters": chapters,
                       "summary": f"{len(chapters) - len(failed)} passed, {len(failed)} failed"}
+            if earlier is not None:
+                report = updated(earlier, report)
             Path(args.report).write_text(json.dumps(report, indent=1) + "\n")
     print(f"notebooks: {len(chapters) - len(failed)} passed, {len(failed)} failed")
     return 1 if failed else 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import importlib.util
 import json
 import re
 import subprocess
@@ -257,11 +258,11 @@ def test_saved_bytes_counts_what_autograd_keeps_each_storage_once():
         assert saved_bytes(lambda: einsum(q, k, v)) == 0
 
 
-# The emulated runs (scripts/emulated_gpu_run.sh) join this list as ("emulated-t4.json",
-# "Tesla T4 (emulated)", "t4") and ("emulated-a100.json", "NVIDIA A100-SXM4-40GB (emulated)", "a100")
-# once their records are committed; book/running.md says they have not run yet.
+# The emulated A100 (scripts/emulated_gpu_run.sh) joins this list as ("emulated-a100.json",
+# "NVIDIA A100-SXM4-40GB (emulated)", "a100") once its record holds every chapter.
 @pytest.mark.parametrize("record_name, device, emulation", [
     ("chapters-h100.json", "NVIDIA H100", None),
+    ("emulated-t4.json", "Tesla T4 (emulated)", "t4"),
 ])
 def test_the_recorded_gpu_runs_executed_every_chapter_without_an_error(record_name, device, emulation):
     """benchmarks/results/: the last runs of every chapter on the GPU runner, as itself and as a T4 and an A100.
@@ -281,3 +282,20 @@ def test_the_recorded_gpu_runs_executed_every_chapter_without_an_error(record_na
                    for line in chapters["10_performance.ipynb"]["skipped"])
     else:  # a GPU that runs the kernels skips nothing
         assert skipped == []
+
+
+def test_an_updated_record_keeps_the_chapters_not_run_and_names_the_commit_of_each():
+    spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "scripts" / "execute_notebooks.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    chapter = lambda name, passed=True, **extra: {"notebook": name, "passed": passed, **extra}  # noqa: E731
+    earlier = {"git": {"commit": "aaa"}, "device": "H100", "emulation": "t4",
+               "chapters": [chapter("01.ipynb"), chapter("02.ipynb", False)]}
+    run = {"git": {"commit": "bbb"}, "device": "H100", "emulation": "t4",
+           "chapters": [chapter("02.ipynb", commit="bbb"), chapter("13.ipynb", commit="bbb")]}
+    record = module.updated(earlier, run)
+    assert record["chapters"] == [chapter("01.ipynb", commit="aaa"), chapter("02.ipynb", commit="bbb"),
+                                  chapter("13.ipynb", commit="bbb")]
+    assert record["git"] == {"commit": "bbb"} and record["summary"] == "3 passed, 0 failed"
+    with pytest.raises(SystemExit, match="emulation is 't4', this run's 'a100'"):
+        module.updated(earlier, dict(run, emulation="a100"))
