@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from flashattn import FlashAttention, triton_attention
-from flashattn.triton import attention, fa3, runtime
+from flashattn.triton import attention, fa3, hopper, runtime
 from flashattn.triton.launch import KernelConfigs, TileConfig
 from flashattn.triton.runtime import _installed_triton, _parse
 from reference import reference_attention
@@ -139,8 +140,9 @@ def test_triton_attention_takes_the_gluon_forward_only_where_a_row_says_so_and_i
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(runtime, "_installed_triton", lambda: "3.6.0")
     cuda = torch.device("cuda")
-    assert fa3.gluon_table() == {}  # until the kernel is measured faster somewhere, nothing changes
-    assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
+    with fa3.gluon_rows({}):  # an empty table changes nothing
+        assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
+    table = fa3.gluon_table()
     row = fa3.GluonLaunch(2, "pingpong")
     with fa3.gluon_rows({(128, False, "long"): row}):
         assert fa3.gluon_configs(base, cuda, False, x, x, x) == dataclasses.replace(base, fwd=row)
@@ -155,7 +157,30 @@ def test_triton_attention_takes_the_gluon_forward_only_where_a_row_says_so_and_i
         capability = (9, 0)
         monkeypatch.setattr(runtime, "_installed_triton", lambda: "3.7.0")  # a Gluon it was not built with
         assert fa3.gluon_configs(base, cuda, False, x, x, x) == base
-    assert fa3.gluon_table() == {}  # the rows are the block's only
+    assert fa3.gluon_table() == table  # the rows were the block's only
+
+
+def test_each_gluon_row_was_measured_faster_than_the_triton_forward():
+    # the rule of fa3._GLUON_TABLE, from the committed run: at every length of the row's key, the step's
+    # slowest sample beat the Triton forward's fastest; and no other row passed the rule (a row is not dropped)
+    bench = json.loads((ROOT / "benchmarks" / "results" / "fa3-steps-h100.json").read_text())
+    samples = {(r["provider"], r["d"], r["causal"], r["n"]): r["samples_ms"]
+               for r in bench["rows"] if r["mode"] == "fwd"}
+    faster: dict[tuple[int, bool, str], list[fa3.GluonLaunch]] = {}
+    for d in bench["sizes"]["d"]:
+        for causal in (False, True):
+            for warpgroups, schedule in fa3.STEPS:
+                provider = f"fa3_{warpgroups}wg_{schedule}"
+                lengths = {hopper.hopper_key(d, causal, n, n): [] for n in bench["sizes"]["n"]}
+                for n in bench["sizes"]["n"]:
+                    wins = max(samples[provider, d, causal, n]) < min(samples["triton", d, causal, n])
+                    lengths[hopper.hopper_key(d, causal, n, n)].append(wins)
+                for key, wins in lengths.items():
+                    if all(wins):
+                        faster.setdefault(key, []).append(fa3.GluonLaunch(warpgroups, schedule))
+    table = fa3.gluon_table()
+    assert table and set(table) == set(faster), (table, faster)
+    assert all(launch in faster[key] for key, launch in table.items()), (table, faster)
 
 
 def test_the_forward_of_a_gluon_launch_is_the_gluon_kernel(monkeypatch):
@@ -225,7 +250,7 @@ def test_strided_inputs(warpgroups, schedule):
     o, _ = fa3.fa3_forward(q, k, v, causal=True, warpgroups=warpgroups, schedule=schedule)
     want = reference_attention(q.double(), k.double(), v.double(), causal=True)
     pytorch = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    error, sdpa = ((x.double() - want).abs().max().item() for x in (o, pytorch))
+    error, sdpa = ((x.double().cpu() - want).abs().max().item() for x in (o, pytorch))
     assert error <= max(2 * sdpa, RATIO_FLOOR[torch.bfloat16] * want.abs().max().item()), (error, sdpa)
 
 

@@ -16,8 +16,9 @@ versions in ``GLUON_TRITONS``: with each, it compiles for sm90 without a
 spill (tests/test_fa3.py). Gluon has no CPU interpreter; the kernel runs on
 a Hopper GPU only, where tests/test_fa3.py checks it against float64.
 ``triton_attention`` takes it for its forward where ``_GLUON_TABLE`` has a
-row (:func:`gluon_configs`): where it was measured faster, as the Hopper
-table's rows were chosen. The table is empty until it is measured.
+row (:func:`gluon_configs`): where it was measured faster than the Triton
+forward, as the Hopper table's rows were chosen (d = 128, lengths over
+``hopper.HOPPER_SHORT``).
 """
 
 from __future__ import annotations
@@ -159,9 +160,14 @@ def launch_gluon(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 
 
 # (head dimension, causal, length) -> the Gluon forward's launch for triton_attention, where it was measured
-# faster than the forward that hopper.hopper_configs chooses (keys as hopper.hopper_key makes them).
-# Empty: the kernel has not been measured on a GPU yet (bench_triton.py --providers with fa3_* names).
-_GLUON_TABLE: dict[tuple[int, bool, str], GluonLaunch] = {}
+# faster than the forward that hopper.hopper_configs chooses (keys as hopper.hopper_key makes them). The rule:
+# at every length measured for the key, the step's slowest sample beat the Triton forward's fastest
+# (benchmarks/results/fa3-steps-h100.json; tests/test_fa3.py checks the rows against it). At d = 64 no step
+# did; the short rows were not measured.
+_GLUON_TABLE: dict[tuple[int, bool, str], GluonLaunch] = {
+    (128, False, "long"): GluonLaunch(2, "serial"),
+    (128, True, "long"): GluonLaunch(2, "serial"),
+}
 
 
 def gluon_table() -> dict[tuple[int, bool, str], GluonLaunch]:
