@@ -258,8 +258,14 @@ class FlashAttention(nn.Module):
             return self.einsum_attn(q, k, v, mask=mask, attn_bias=attn_bias)  # zeros, or nothing, of the right shape
         call = sdpa_masking(mask, attn_bias, self.causal, q.shape[2], x.k.shape[2], q.dtype, q.device)
         # PyTorch's causal kernels give NaN for a scale <= 0 (on the CPU they multiply the hidden
-        # scores, -inf, by the scale): folded into q, the scale leaves them a factor of 1
-        q, scale = (q * x.scale, 1.0) if x.scale <= 0 else (q, x.scale)
+        # scores, -inf, by the scale): a negative scale's sign goes into q, exactly (negation does
+        # not round, where q * scale would round to q's dtype), and a zero scale zeroes q
+        if x.scale < 0:
+            q, scale = -q, -x.scale
+        elif x.scale == 0:
+            q, scale = q * 0.0, 1.0
+        else:
+            scale = x.scale
         # SDPA needs a plain bool; under torch.compile(dynamic=True) the comparison is symbolic, and
         # branching on it is what makes the compiler settle it (and guard on it)
         gqa = True if x.group > 1 else False  # noqa: SIM210

@@ -202,3 +202,19 @@ def test_matches_sdpa_math_backend(p):
         m = FlashAttention(causal=p["causal"], flash=flash, scale=p["scale"])
         got = m(p["q"], p["k"], p["v"], mask=p["mask"], attn_bias=p["bias"])
         torch.testing.assert_close(got, expected, **TOLERANCES[torch.float64])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_negative_scale_costs_the_flash_path_no_rounding(causal):
+    # the flash path hands SDPA -q and |scale| for a negative scale: negation is exact, so the result is
+    # the positive scale's on -q bit for bit; q * scale in bfloat16 would round q first (4x the error)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 4, 100, 64, generator=gen).bfloat16() for _ in range(3))
+    q = q.requires_grad_()
+    o = FlashAttention(causal=causal, scale=-0.7)(q, k, v)
+    (dq,) = torch.autograd.grad(o.sum(), q)
+    negated = (-q).detach().requires_grad_()
+    want = FlashAttention(causal=causal, scale=0.7)(negated, k, v)
+    (dq_negated,) = torch.autograd.grad(want.sum(), negated)
+    assert torch.equal(o, want)
+    assert torch.equal(dq, -dq_negated)
