@@ -19,7 +19,7 @@ case $reader in
     old-triton) extra=("triton==3.6.0") ;;
     *) echo "usage: bash scripts/reader_env.sh no-triton|old-triton" >&2; exit 2 ;;
 esac
-chapters=${CHAPTERS:-"08_the_module 09_triton_kernel 10_performance 11_decoding 12_ring_attention"}
+chapters=${CHAPTERS:-"08_the_module 09_triton_kernel 10_performance 11_decoding 12_ring_attention 13_flashattention3"}
 
 root=${READER_ENV_ROOT:-$PWD/.reader-envs}
 venv=$root/$reader

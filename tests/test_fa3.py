@@ -163,7 +163,7 @@ def test_triton_attention_takes_the_gluon_forward_only_where_a_row_says_so_and_i
 def test_each_gluon_row_was_measured_faster_than_the_triton_forward():
     # the rule of fa3._GLUON_TABLE, from the committed run: at every length of the row's key, the step's
     # slowest sample beat the Triton forward's fastest; and no other row passed the rule (a row is not dropped)
-    bench = json.loads((ROOT / "benchmarks" / "results" / "fa3-steps-h100.json").read_text())
+    bench = json.loads((ROOT / "flashattn" / "results" / "fa3-steps-h100.json").read_text())
     samples = {(r["provider"], r["d"], r["causal"], r["n"]): r["samples_ms"]
                for r in bench["rows"] if r["mode"] == "fwd"}
     faster: dict[tuple[int, bool, str], list[fa3.GluonLaunch]] = {}

@@ -162,7 +162,7 @@ def launch_gluon(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
 # (head dimension, causal, length) -> the Gluon forward's launch for triton_attention, where it was measured
 # faster than the forward that hopper.hopper_configs chooses (keys as hopper.hopper_key makes them). The rule:
 # at every length measured for the key, the step's slowest sample beat the Triton forward's fastest
-# (benchmarks/results/fa3-steps-h100.json; tests/test_fa3.py checks the rows against it). At d = 64 no step
+# (flashattn/results/fa3-steps-h100.json; tests/test_fa3.py checks the rows against it). At d = 64 no step
 # did; the short rows were not measured.
 _GLUON_TABLE: dict[tuple[int, bool, str], GluonLaunch] = {
     (128, False, "long"): GluonLaunch(2, "serial"),
