@@ -571,7 +571,9 @@ def test_cuda_long_rows_of_a_wide_buffer():
 
 @pytest.mark.parametrize("d_v", [32, 24])  # 24: padded to 32 inside, sliced back
 def test_a_call_without_gradients_skips_autograd_and_gives_the_same_output(d_v):
-    q, k, v, _ = make_inputs(2, 4, 2, 37, 53, 32, d_v, torch.float32, seed=41)  # each requires a gradient
+    device = "cpu" if INTERPRETED else "cuda"  # the interpreter on a CPU, the compiled kernels on a GPU
+    # each requires a gradient
+    q, k, v, _ = make_inputs(2, 4, 2, 37, 53, 32, d_v, torch.float32, seed=41, device=device)
     with torch.no_grad():
         fast = triton_attention(q, k, v, causal=True)
     assert fast.grad_fn is None and not fast.requires_grad
