@@ -283,16 +283,17 @@ def float32_launches(head_dims: tuple[int, ...] = (16, 32, 64, 128, 256),
 def decode_launches(head_dims: tuple[int, ...] = (64, 128, 256)) -> list[dict]:
     """The decoding kernels at their GPU launch: the chunk kernel with the most rows per program, and the merge
     of the most chunks, in 16-bit and float32 inputs."""
-    from flashattn.triton.decoding import MAX_ROWS, MAX_SPLITS, decode_config
+    from flashattn.triton.decoding import MAX_SPLITS, decode_config, max_rows
 
     import torch
 
     launches = []
     for dtype in ("bfloat16", "float32"):
-        cfg = decode_config(getattr(torch, dtype), interpreted=False)
         for d in head_dims:
+            cfg = decode_config(getattr(torch, dtype), interpreted=False, head_dim=d)
+            rows = max_rows(getattr(torch, dtype), d)
             launches.append(dict(module="decode_kernels", kernel="decode_split_kernel", dtype=dtype,
-                                 constexprs=dict(D=d, DV=d, BLOCK_M=MAX_ROWS, BLOCK_K=cfg.block_k, HAS_LENS=True),
+                                 constexprs=dict(D=d, DV=d, BLOCK_M=rows, BLOCK_K=cfg.block_k, HAS_LENS=True),
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages))
     for d in head_dims:
         launches.append(dict(module="decode_kernels", kernel="decode_merge_kernel", dtype="bfloat16",

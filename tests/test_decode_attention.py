@@ -478,3 +478,20 @@ def test_the_number_of_chunks_is_chosen_once_per_shape_and_the_choices_kept_are_
     plan(2000), plan(3000)  # two more shapes: the first is no longer kept
     assert plan(1000) == 3 and asked == [1000, 2000, 3000, 1000]
     assert plan(3000) == 3 and asked == [1000, 2000, 3000, 1000]  # still kept
+
+
+def test_float32_programs_take_fewer_rows_and_still_cover_every_row():
+    # float32 tiles hold twice the bytes of 16-bit ones: 32 stacked rows per program at most (16 past
+    # d = 128, with one stage and eight warps) so that the chunk kernel fits an A100 and spills nothing
+    # (tests/test_compile_sm80.py)
+    assert triton_decoding.max_rows(torch.float32, 128) == 32 and triton_decoding.max_rows(torch.float32, 256) == 16
+    assert triton_decoding.max_rows(torch.bfloat16, 256) == triton_decoding.MAX_ROWS
+    assert row_block(32, 4, 32) == 32 and row_block(8, 1, 32) == 16
+    wide = decode_config(torch.float32, interpreted=False, head_dim=256)
+    assert (wide.num_stages, wide.num_warps) == (1, 8)
+    assert choose_num_splits(1, 8, 16, 4, 32768, 32, 132 * 3, most_rows=32) == 24  # 16 programs per chunk
+    # 8 query heads on one K/V head, 4 queries each: 32 stacked rows, two programs of 16 at d = 256
+    lens = torch.tensor([70, 33])
+    q, k, v = make_cache(2, 8, 1, 4, 80, 256, 256, lens, seed=5)
+    got = decode_attention(q, k, v, lens, num_splits=2)
+    assert rel_error(got, reference_decode(q.double(), k.double(), v.double(), lens)) < TOLERANCE[torch.float32]

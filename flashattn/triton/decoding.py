@@ -38,6 +38,10 @@ class DecodeConfig:
 # need more registers than one). The same shapes fit an A100's shared memory.
 _CONFIG_16BIT = DecodeConfig(block_k=64, num_warps=4, num_stages=2)
 _CONFIG_FLOAT32 = DecodeConfig(block_k=32, num_warps=4, num_stages=2)
+# float32 tiles at d = 256 asked for more shared memory than an A100 gives (212992 bytes at 64 rows and
+# two stages, compiled for sm80): 16 rows (max_rows), one stage and eight warps take 64 KiB and spill no
+# register there
+_CONFIG_FLOAT32_WIDE = DecodeConfig(block_k=32, num_warps=8, num_stages=1)
 _CONFIG_INTERPRETER = DecodeConfig(block_k=64, num_warps=4, num_stages=1)
 WAVES = 1  # grids of this many full waves of programs: the chunks then all end together
 MIN_TILES_PER_SPLIT = 4  # a chunk shorter than this costs more in its merge than it saves
@@ -48,11 +52,25 @@ _wave_splits_chosen: OrderedDict[tuple, int] = OrderedDict()
 CHOICES_KEPT = 512
 
 
-def decode_config(dtype: torch.dtype, interpreted: bool) -> DecodeConfig:
-    """The launch of the chunk kernel for inputs in ``dtype``."""
+def decode_config(dtype: torch.dtype, interpreted: bool, head_dim: int = 128) -> DecodeConfig:
+    """The launch of the chunk kernel for inputs in ``dtype`` whose (padded) head dimension is ``head_dim``."""
     if interpreted:
         return _CONFIG_INTERPRETER
-    return _CONFIG_FLOAT32 if dtype == torch.float32 else _CONFIG_16BIT
+    if dtype != torch.float32:
+        return _CONFIG_16BIT
+    return _CONFIG_FLOAT32_WIDE if head_dim > 128 else _CONFIG_FLOAT32
+
+
+def max_rows(dtype: torch.dtype, head_dim: int) -> int:
+    """The most stacked query rows one program of the chunk kernel takes, for inputs in ``dtype``.
+
+    A float32 program holds its rows' tiles at twice the bytes of a 16-bit one: at 64 rows it spills
+    registers on sm80, and at d = 256 outgrows an A100's shared memory; 32 rows (16 at d > 128) fit an
+    A100 and an Ada GPU (tests/test_compile_sm80.py compiles every launch for sm80).
+    """
+    if dtype != torch.float32:
+        return MAX_ROWS
+    return 16 if head_dim > 128 else 32
 
 
 def use_16bit_config(cfg: DecodeConfig) -> None:
@@ -66,12 +84,13 @@ def measured_residency(cfg: DecodeConfig) -> list[int]:
     return [n for key, n in _resident.items() if key[1] == cfg]
 
 
-def row_block(g: int, i: int) -> int:
-    """Rows per program: the ``g * i`` stacked query rows rounded up to a power of two, from 16 to MAX_ROWS."""
-    return min(MAX_ROWS, max(16, 1 << (g * i - 1).bit_length()))
+def row_block(g: int, i: int, most: int = MAX_ROWS) -> int:
+    """Rows per program: the ``g * i`` stacked query rows rounded up to a power of two, from 16 to ``most``."""
+    return min(most, max(16, 1 << (g * i - 1).bit_length()))
 
 
-def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, slots: int) -> int:
+def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, slots: int,
+                      most_rows: int = MAX_ROWS) -> int:
     """How many chunks to cut each sequence's keys into, given ``slots`` programs the GPU runs at once.
 
     As many chunks as fill ``WAVES`` full waves of the ``slots`` (SMs times
@@ -79,7 +98,7 @@ def choose_num_splits(b: int, h_kv: int, g: int, i: int, j: int, block_k: int, s
     last, partial wave; no chunk shorter than ``MIN_TILES_PER_SPLIT`` key
     tiles; one chunk when the grid fills the GPU without splitting.
     """
-    programs = b * h_kv * math.ceil(g * i / row_block(g, i))  # programs per chunk
+    programs = b * h_kv * math.ceil(g * i / row_block(g, i, most_rows))  # programs per chunk
     most = max(1, math.ceil(j / block_k) // MIN_TILES_PER_SPLIT)
     return max(1, min(WAVES * slots // programs, most, MAX_SPLITS))
 
@@ -163,7 +182,7 @@ def _wave_splits(kernels: ModuleType, q: Tensor, k: Tensor, v: Tensor, lens: Ten
     probe = q.new_empty(1, dtype=torch.float32)  # compiling needs arguments of the right types only
     args = _chunk_args(q, k, v, lens, 1.0, PROBE_SPLITS, probe, probe)
     slots = _slots(kernels.decode_split_kernel, q.device, cfg, args, constants)
-    return choose_num_splits(b, h_kv, h // h_kv, i, j, cfg.block_k, slots)
+    return choose_num_splits(b, h_kv, h // h_kv, i, j, cfg.block_k, slots, constants["BLOCK_M"])
 
 
 def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, num_splits: int | None) -> _Plan:
@@ -172,9 +191,10 @@ def _plan(q: Tensor, k: Tensor, v: Tensor, lens: Tensor | None, scale: float, nu
     check_device("decode_attention", interpreted, q.device)
     g, i, j = q.shape[1] // k.shape[1], q.shape[2], k.shape[2]
     q, k, v = kernel_operands(q, k, v, interpreted)
-    cfg = decode_config(q.dtype, interpreted)
-    constants = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_M=row_block(g, i), BLOCK_K=cfg.block_k,
-                     HAS_LENS=lens is not None)
+    width = max(q.shape[-1], v.shape[-1])  # padded
+    cfg = decode_config(q.dtype, interpreted, width)
+    constants = dict(D=q.shape[-1], DV=v.shape[-1], BLOCK_M=row_block(g, i, max_rows(q.dtype, width)),
+                     BLOCK_K=cfg.block_k, HAS_LENS=lens is not None)
     if num_splits is None:
         if interpreted:
             num_splits = 1
