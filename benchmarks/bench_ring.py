@@ -18,9 +18,16 @@ run and timed the same way:
 With ``--worlds 2,4`` one launch of 4 processes measures rings of 2 GPUs
 (ranks 0 and 1, a sub-group; ranks 2 and 3 wait) and of 4, against one
 baseline. Each call is timed with CUDA events between barriers of its group;
-a call's time is the slowest rank's; the median over ``--reps`` calls after
-``--warmup`` calls (over two calls when one takes over 2 s, one over 5 s:
-such calls differ by far less than the effects measured). Scaling efficiency = one-GPU time / (N x time);
+a call's time is the slowest rank's. At one length the methods are timed in
+``--rounds`` rounds, one call of each per round, in an order that rotates
+from round to round (``timing.rotation``, as every benchmark here does), so
+that a drift of the machine falls on all of them alike; a method's inputs
+(its shards, context_parallel's copies) are made before its call and freed
+after it, so that no more memory is held than when the methods ran one
+after another. ``--warmup`` calls precede the first round's. A call over 2 s
+takes part in two rounds only, one over 5 s in one: such calls vary by far
+less than the effects measured. A row keeps every sample, their median
+(``ms``), quartiles and range. Scaling efficiency = one-GPU time / (N x time);
 FLOPs are counted as ``4 b h n^2 d / 2`` for the causal forward and 3.5 times
 that for forward + backward.
 
@@ -45,11 +52,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
-import statistics
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -59,12 +67,13 @@ from torch import Tensor
 from flashattn import FlashAttention, ring_attention, shard_sequence
 from flashattn.ring import pick_block_kernel
 from runinfo import run_info
+from timing import Timing, rotation
 
 K = 1024
 GIB = 2**30
 LAYOUTS = ("contiguous", "zigzag")
 MODES = ("fwd", "fwd_bwd")
-LONG_CALL_MS, VERY_LONG_CALL_MS = 2000.0, 5000.0  # calls this long are timed 2 times, or once: they vary by < 1 %
+LONG_CALL_MS, VERY_LONG_CALL_MS = 2000.0, 5000.0  # calls this long take 2 rounds, or 1: they vary by < 1 %
 FULL = dict(b=1, h=32, d=128, lengths=[32 * K, 64 * K, 128 * K, 256 * K, 512 * K], check_len=8 * K)
 SMOKE = dict(b=1, h=4, d=16, lengths=[64, 128], check_len=64)
 
@@ -75,7 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--worlds", default=None, help="ring sizes to measure, e.g. 2,4 (default: every process)")
     p.add_argument("--lengths", default=None, help="sequence lengths, e.g. 32k,512k (default: 32k to 512k)")
     p.add_argument("--layouts", default=",".join(LAYOUTS))
-    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="calls of each method, one per round, interleaved")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--cp-rotate", choices=["alltoall", "allgather"], default="alltoall")
     p.add_argument("--no-cp", action="store_true", help="leave out context_parallel")
@@ -115,39 +124,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(
-    fn: Callable[[], object], group: dist.ProcessGroup | None, device: torch.device, warmup: int, reps: int
-) -> list[float]:
-    """Milliseconds of ``reps`` calls of ``fn`` (each the slowest member's), after ``warmup`` calls.
+def timed_call(fn: Callable[[], object], group: dist.ProcessGroup | None, device: torch.device) -> float:
+    """Milliseconds of one call of ``fn``: the slowest member's. ``group`` None: this process alone.
 
-    ``group`` None: this process alone. Calls start together, after a barrier.
+    The call starts on every member together, after a barrier of ``group``.
     """
-    for _ in range(warmup):
+    synchronize(device)
+    if group is not None:
+        dist.barrier(group=group)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         fn()
-    times: list[float] = []
-    while len(times) < reps:
-        synchronize(device)
-        if group is not None:
-            dist.barrier(group=group)
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            ms = start.elapsed_time(end)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            ms = (time.perf_counter() - t0) * 1e3
-        if group is not None:
-            slowest = torch.tensor([ms], device=device)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
-            ms = slowest.item()
-        times.append(ms)
-        if len(times) == 1:
-            reps = min(reps, 1 if ms > VERY_LONG_CALL_MS else 2 if ms > LONG_CALL_MS else reps)
-    return times
+        end.record()
+        end.synchronize()
+        ms = start.elapsed_time(end)
+    else:
+        t0 = time.perf_counter()
+        fn()
+        ms = (time.perf_counter() - t0) * 1e3
+    if group is not None:
+        slowest = torch.tensor([ms], device=device)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX, group=group)
+        ms = slowest.item()
+    return ms
 
 
 def full_problem(n: int, cfg: dict, dtype: torch.dtype, device: torch.device, seed: int) -> list[Tensor]:
@@ -282,44 +282,97 @@ def fits(n: int, cfg: dict, dtype: torch.dtype, device: torch.device) -> tuple[b
     return False, f"needs about {need / GIB:.0f} GiB per GPU, {free.item() / GIB:.0f} GiB free on the fullest"
 
 
+@dataclass
+class Method:
+    """One timed method at one length: its name, GPUs and mode, and how its call is made.
+
+    ``inputs()`` is a context that makes the method's inputs and yields
+    ``(call, extra)``: the call to time, and what the row records beside its
+    times. It is entered on the members only: rank 0 for ``one_gpu``, the
+    first ``gpus`` ranks otherwise.
+    """
+
+    method: str
+    gpus: int
+    mode: str
+    group: dist.ProcessGroup | None
+    inputs: Callable[[], contextlib.AbstractContextManager]
+    timing: Timing = field(default_factory=Timing)
+    extra: dict = field(default_factory=dict)
+    rounds: int = 0
+
+    def takes_part(self, rank: int) -> bool:
+        return rank < self.gpus
+
+
+@contextlib.contextmanager
+def one_gpu_inputs(full: list[Tensor], mode: str) -> Iterator[tuple[Callable[[], None], dict]]:
+    yield attention_call(FlashAttention(causal=True), full[:3], full[3], mode), {}
+
+
+@contextlib.contextmanager
+def ring_inputs(full: list[Tensor], group: dist.ProcessGroup, world: int, layout: str, mode: str
+                ) -> Iterator[tuple[Callable[[], None], dict]]:
+    local = shards(full, dist.get_rank(group), world, layout)
+
+    def ring(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return ring_attention(q, k, v, causal=True, group=group, layout=layout)
+
+    yield attention_call(ring, local[:3], local[3], mode), dict(kernel=pick_block_kernel(*local[:3], True,
+                                                                                          full[0].shape[-1] ** -0.5))
+
+
+@contextlib.contextmanager
+def cp_inputs(full: list[Tensor], mesh, group: dist.ProcessGroup, world: int, mode: str, rotate: str
+              ) -> Iterator[tuple[Callable[[], None], dict]]:
+    with cp_sharded(mesh, full[:3], rotate) as local:
+        do = shard_sequence(full[3], dist.get_rank(group), world, layout="zigzag").contiguous()
+        yield attention_call(cp_sdpa, local, do, mode), {}
+
+
+def methods(full: list[Tensor], groups: dict, meshes: dict, layouts: list[str], args: argparse.Namespace
+            ) -> list[Method]:
+    """Every method timed at one length, in the same order on every process."""
+    out = [Method("one_gpu", 1, mode, None, functools.partial(one_gpu_inputs, full, mode)) for mode in MODES]
+    for world, group in groups.items():
+        for layout in layouts:
+            out += [Method(f"ring_{layout}", world, mode, group,
+                           functools.partial(ring_inputs, full, group, world, layout, mode)) for mode in MODES]
+        if world in meshes:
+            out += [Method("context_parallel", world, mode, group,
+                           functools.partial(cp_inputs, full, meshes[world], group, world, mode, args.cp_rotate))
+                    for mode in MODES]
+    return out
+
+
 def time_length(n: int, cfg: dict, dtype: torch.dtype, device: torch.device, rank: int, groups: dict, meshes: dict,
                 layouts: list[str], args: argparse.Namespace) -> list[dict]:
-    """Every method at length ``n``: rows of {n, mode, method, gpus, times_ms} (rank 0's list is complete)."""
+    """Every method at length ``n``, interleaved over ``args.rounds`` rounds: rows of {n, mode, method, gpus,
+    ms and its spread, samples_ms} (rank 0's list is complete)."""
     full = full_problem(n, cfg, dtype, device, seed=n)
+    timed = methods(full, groups, meshes, layouts, args)
+    for m in timed:
+        m.rounds = args.rounds
+    for r in range(args.rounds):
+        for m in rotation(timed, r):
+            if m.takes_part(rank) and r < m.rounds:
+                with m.inputs() as (call, extra):
+                    if r == 0:
+                        for _ in range(args.warmup):
+                            call()
+                    ms = timed_call(call, m.group, device)
+                del call  # it holds the inputs and gradients: freed before the next method makes its own
+                m.timing.samples_ms.append(ms)
+                m.extra = extra
+                if r == 0:  # the members agree on ms (the slowest's), so on the rounds too
+                    m.rounds = min(m.rounds, 1 if ms > VERY_LONG_CALL_MS else 2 if ms > LONG_CALL_MS else m.rounds)
+            dist.barrier()  # every process goes from method to method together
     rows = []
-
-    def add(method: str, gpus: int, mode: str, times: list[float], **extra: object) -> None:
-        rows.append(dict(n=n, mode=mode, method=method, gpus=gpus, times_ms=times, ms=statistics.median(times),
-                         **extra))
-
-    if rank == 0:
-        for mode in MODES:
-            add("one_gpu", 1, mode, timed(attention_call(FlashAttention(causal=True), full[:3], full[3], mode),
-                                          None, device, args.warmup, args.reps))
-    dist.barrier()
-    for world, group in groups.items():
-        if rank < world:
-            r = dist.get_rank(group)
-            for layout in layouts:
-                local = shards(full, r, world, layout)
-                kernel = pick_block_kernel(*local[:3], True, cfg["d"] ** -0.5)
-
-                def ring(q: Tensor, k: Tensor, v: Tensor, layout: str = layout) -> Tensor:
-                    return ring_attention(q, k, v, causal=True, group=group, layout=layout)
-
-                for mode in MODES:
-                    add(f"ring_{layout}", world, mode,
-                        timed(attention_call(ring, local[:3], local[3], mode), group, device, args.warmup, args.reps),
-                        kernel=kernel)
-                del local
-            if world in meshes:
-                with cp_sharded(meshes[world], full[:3], args.cp_rotate) as local:
-                    do = shard_sequence(full[3], r, world, layout="zigzag").contiguous()
-                    for mode in MODES:
-                        add("context_parallel", world, mode,
-                            timed(attention_call(cp_sdpa, local, do, mode), group, device, args.warmup, args.reps))
-                del local, do  # context_parallel's copies: freed before the next ring size makes its own
-        dist.barrier()
+    for m in timed:
+        if m.takes_part(rank):
+            times = m.timing.record()
+            del times["method"]  # how each sample was taken: the result's "timing" says it once
+            rows.append(dict(n=n, mode=m.mode, method=m.method, gpus=m.gpus, **times, **m.extra))
     return rows
 
 
@@ -373,6 +426,8 @@ def main() -> None:
     lengths = [parse_length(x) for x in args.lengths.split(",")] if args.lengths else cfg["lengths"]
     worlds = sorted({int(x) for x in args.worlds.split(",")}) if args.worlds else [world]
     layouts = args.layouts.split(",")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     if not all(2 <= w <= world for w in worlds) or not set(layouts) <= set(LAYOUTS):
         raise SystemExit(f"--worlds must lie in [2, {world}] and --layouts among {LAYOUTS}; got {worlds}, {layouts}")
     groups = make_groups(worlds, world)
@@ -392,9 +447,13 @@ def main() -> None:
             print(text, flush=True)
 
     sizes = dict(b=cfg["b"], h=cfg["h"], d=cfg["d"], dtype=str(dtype), causal=True, lengths=lengths, worlds=worlds,
-                 layouts=layouts, reps=args.reps, warmup=args.warmup, cp_rotate=args.cp_rotate)
+                 layouts=layouts, rounds=args.rounds, warmup=args.warmup, cp_rotate=args.cp_rotate)
     result: dict = dict(run=run_info(**sizes) if rank == 0 else None, world_size=world, worlds=worlds,
-                        backend=dist.get_backend(), context_parallel=cp_note or f"rotate method {args.cp_rotate}")
+                        backend=dist.get_backend(), context_parallel=cp_note or f"rotate method {args.cp_rotate}",
+                        timing=(f"{args.rounds} rounds, methods interleaved (benchmarks/timing.py's rotation), one call "
+                                "of each per round after the warm-up, its time the slowest rank's (CUDA events); ms "
+                                "the median of the samples, ms_min/ms_max their range; calls over 2 s take 2 rounds, "
+                                "over 5 s one"))
     if device.type == "cuda":
         result["nccl"] = ".".join(map(str, torch.cuda.nccl.version()))
     log(f"{world} processes on {device.type}, rings of {worlds}")
@@ -418,7 +477,8 @@ def main() -> None:
         for row in new:
             extra = "".join(f"  {k} {row[k]:.2f}" for k in ("efficiency", "speedup_vs_cp") if k in row)
             log(f"n = {n // K if n >= K else n}{'k' if n >= K else ''} {row['mode']:7} {row['method']:17} "
-                f"{row['gpus']} GPUs {row['ms']:10.2f} ms {row['tflops']:7.1f} TFLOP/s{extra} {row.get('kernel', '')}")
+                f"{row['gpus']} GPUs {row['ms']:10.2f} ms [{row['ms_min']:.2f}-{row['ms_max']:.2f}] "
+                f"{row['tflops']:7.1f} TFLOP/s{extra} {row.get('kernel', '')}")
         if rank == 0:
             result.update(rows=rows, skipped=skipped, summary=summary(rows, skipped, max(worlds)))
             with open(args.out, "w") as f:

@@ -75,6 +75,12 @@ def gpu_sample(fn: Callable[[], object], graph: bool, rep_ms: float) -> tuple[fl
     return do_bench(fn, rep=rep_ms, return_mode="median"), "eager, do_bench median"
 
 
+def rotation(items: list, r: int) -> list:
+    """Round ``r``'s order of ``items``: from the one at ``r mod len(items)`` on, then those before it."""
+    k = r % len(items) if items else 0
+    return items[k:] + items[:k]
+
+
 Sampler = Callable[[Callable[[], object], bool, float], tuple[float, str]]
 
 
@@ -92,7 +98,7 @@ def compare(providers: dict[str, Callable[[], object]], *, rounds: int = ROUNDS,
     names = list(providers)
     timings = {name: Timing() for name in names}
     for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in rotation(names, r):
             ms, method = sample(providers[name], graph, rep_ms)
             timings[name].samples_ms.append(ms)
             timings[name].method = method

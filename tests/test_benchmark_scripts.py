@@ -2,7 +2,9 @@
 
 ``check_sm80_rows.py --cpu-smoke`` forces every ``sm80`` row of the launch
 table through Triton's interpreter at tiny sizes and compares the outputs and
-gradients with float64; ``host_time.py`` needs a GPU and must say so.
+gradients with float64; ``host_time.py`` needs a GPU and must say so;
+``bench_ring.py --smoke`` runs its two processes over gloo on the CPU and
+times every method in interleaved rounds.
 """
 
 from __future__ import annotations
@@ -40,3 +42,23 @@ def test_host_time_says_it_needs_a_gpu(tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert run.returncode != 0
     assert "host_time.py measures eager calls on a GPU; no CUDA device is available here" in run.stderr
+
+
+def test_the_ring_benchmark_times_every_method_in_interleaved_rounds(tmp_path):
+    """bench_ring.py's smoke run (2 processes, gloo, CPU): every method at every length gets one sample per round."""
+    out = tmp_path / "ring.json"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "benchmarks/bench_ring.py", "--smoke", "--rounds", "3", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    record = json.loads(out.read_text())
+    assert all(row["ok"] for row in record["check"]) and len(record["check"]) == 2  # both layouts
+    expected = {(n, mode, method, gpus) for n in (64, 128) for mode in ("fwd", "fwd_bwd")
+                for method, gpus in (("one_gpu", 1), ("ring_contiguous", 2), ("ring_zigzag", 2))}
+    assert {(r["n"], r["mode"], r["method"], r["gpus"]) for r in record["rows"]} == expected
+    assert len(record["rows"]) == len(expected)
+    for row in record["rows"]:
+        samples = row["samples_ms"]
+        assert len(samples) == 3 and all(t > 0 for t in samples), row
+        assert row["ms"] == sorted(samples)[1] and (row["ms_min"], row["ms_max"]) == (min(samples), max(samples))
+    assert record["timing"].startswith("3 rounds, methods interleaved")
