@@ -60,9 +60,11 @@ def _configs(fwd: _Launch, dkdv: _Launch, dq: _Launch) -> KernelConfigs:
 # Hopper's rows are chosen by benchmarks/tune_triton.py on the H200 (flashattn/results/tune-h200-*.json):
 # long sequences favour large tiles; short causal ones small tiles, which waste less work on the
 # diagonal (9-14% faster at n = 1k). Without the causal rule, the small tiles gain 2-3% at n = 1k
-# and lose 6-9% at n = 2k. Ampere's rows are not measured here: they are shapes that fit the
-# shared memory of every Ampere and Ada GPU (99 KiB per block) without spilling registers, as
-# ptxas reports them.
+# and lose 6-9% at n = 2k. Ampere's rows are not timed here: they are shapes that fit the shared
+# memory of every Ampere and Ada GPU (99 KiB per block), as ptxas reports them compiled for sm80
+# (tests/test_compile_sm80.py); three of their launches spill a little (24 to 64 bytes of stack
+# with triton 3.9, listed there), and all were run on an H100 with the table forced, against float64
+# (benchmarks/results/check-sm80-rows-h100.json).
 SHORT = 2048
 _TABLE: dict[tuple[str, int, str], KernelConfigs] = {
     ("sm90", 64, "short"): _configs(fwd=(64, 64, 4, 3), dkdv=(32, 64, 4, 3), dq=(128, 64, 8, 3)),
