@@ -80,6 +80,8 @@ def test_padding_mask_values_and_errors():
     assert torch.equal(mask[:, 0, 0], expected)
     with pytest.raises(ValueError, match=r"lengths must be a 1-D integer tensor .*\(2, 1\)"):
         padding_mask(torch.tensor([[2], [3]]), 4)
+    with pytest.raises(ValueError, match=r"lengths must be a 1-D integer tensor \(b,\) or a list of ints, got \[2, 'a'\]"):
+        padding_mask([2, "a"], 4)  # not even a tensor
     # a length past j or below 0 is an error, as decode_attention's cache_lens
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, j\] = \[0, 4\], got values from -1 to 5"):
         padding_mask([5, -1], 4)
