@@ -295,6 +295,8 @@ def test_mask_helpers_reject_bad_arguments():
     assert torch.equal(padding_mask([3, 0], 4), padding_mask(torch.tensor([3, 0]), 4))
     with pytest.raises(ValueError, match="the number of heads h must be a positive integer, got 0"):
         alibi_bias(0, 5, 9)
+    with pytest.raises(ValueError, match="the number of heads h must be a positive integer, got None"):
+        alibi_bias(None, 5, 9)  # None is not a count here, as it is where an argument may be None
     with pytest.raises(ValueError, match="lengths must be a 1-D integer tensor"):
         padding_mask([1.5, 2.0], 4)
 
