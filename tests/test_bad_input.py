@@ -38,6 +38,7 @@ CASES = [
     (dict(q=[[1.0]]), TypeError, r"q must be a torch.Tensor, got list"),
     (dict(v=t(B, H, J, D).to("meta")), ValueError, r"q, k and v must be on one device, got cpu, cpu and meta"),
     (dict(q=t(B, H, I, 0), k=t(B, H, J, 0)), ValueError, r"d and d_v must be positive, got q \(2, 4, 5, 0\)"),
+    (dict(v=t(B, H, J, 0)), ValueError, r"d and d_v must be positive, got q \(2, 4, 5, 8\), k \(2, 4, 7, 8\), v \(2, 4, 7, 0\)"),
     (dict(mask=torch.ones(I, J)), TypeError, r"mask must be a bool tensor \(True = may attend\), got torch.float32"),
     (dict(mask=torch.ones(I, J + 1, dtype=torch.bool)), ValueError, r"mask of shape \(5, 8\) does not broadcast to \(b, h, i, j\) = \(2, 4, 5, 7\)"),
     (dict(mask=torch.ones(3, 1, I, J, dtype=torch.bool)), ValueError, r"mask of shape \(3, 1, 5, 7\) does not broadcast"),
