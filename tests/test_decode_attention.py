@@ -12,6 +12,9 @@ the interpreter (conftest sets ``TRITON_INTERPRET=1``), and
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -114,6 +117,34 @@ def test_float64_takes_the_pytorch_path():
     o = decode_attention(q, k, v, lens, scale=-0.3)
     assert o.dtype == torch.float64
     assert rel_error(o, reference_decode(q, k, v, lens, scale=-0.3)) < TOLERANCE[torch.float64]
+
+
+def test_the_pytorch_path_without_lengths_attends_the_whole_cache():
+    q, k, v = make_cache(3, 4, 2, 2, 50, 16, 16, torch.tensor([50, 50, 50]), dtype=torch.float64, seed=5)
+    o = decode_attention(q, k, v)
+    assert rel_error(o, reference_decode(q, k, v, torch.tensor([50, 50, 50]))) < TOLERANCE[torch.float64]
+
+
+def test_on_a_cpu_without_the_interpreter_the_pytorch_path_runs():
+    """Triton installed but TRITON_INTERPRET unset, as on a reader's laptop: no kernel is tried on CPU tensors."""
+    script = (
+        "import torch\n"
+        "from flashattn import decode_attention\n"
+        "from flashattn.decoding import _uses_kernels\n"
+        "q, k, v = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 40, 16), torch.randn(2, 2, 40, 16)\n"
+        "assert not _uses_kernels(q, 16)\n"
+        "lens = torch.tensor([40, 7])\n"
+        "o = decode_attention(q, k, v, lens).double()\n"
+        "ref = torch.stack([torch.nn.functional.scaled_dot_product_attention(\n"
+        "    q[n:n+1].double(), k[n:n+1, :, :L].double().repeat_interleave(2, 1),\n"
+        "    v[n:n+1, :, :L].double().repeat_interleave(2, 1))[0] for n, L in enumerate(lens.tolist())])\n"
+        "err = ((o - ref).abs().max() / ref.abs().max()).item()\n"
+        "assert err < 1e-5, err\n"
+        "print('ok', err)\n"
+    )
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
 
 
 def test_every_num_splits_from_one_to_more_than_the_key_tiles():
@@ -256,6 +287,7 @@ def _inputs():
         (torch.tensor([[3, 4]]), ValueError, r"got \(1, 2\)"),
         (torch.tensor([3, 11]), ValueError, r"\[0, j\] = \[0, 10\] \(j = k_cache.shape\[2\]\), got values from 3 to 11"),
         (torch.tensor([-1, 4]), ValueError, "got values from -1 to 4"),
+        (torch.tensor([3, 4], device="meta"), ValueError, "cache_lens is on meta but q is on cpu"),
     ],
 )
 def test_bad_cache_lens(cache_lens, error, match):
