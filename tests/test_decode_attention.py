@@ -111,6 +111,26 @@ def test_pytorch_path_matches_float64(shape, num_splits):
     assert rel_error(o, reference_decode(q, k, v, lens)) < TOLERANCE[torch.float64]
 
 
+@pytest.mark.parametrize("j, num_splits, chunks", [(50, 1, 1), (50, 2, 2), (50, 7, 7), (48, 5, 5), (10, 1000, 10)])
+def test_the_pytorch_path_attends_num_splits_chunks(monkeypatch, j, num_splits, chunks):
+    """One merge per chunk: ``num_splits`` chunks of ceil(j / num_splits) keys (at most one key each)."""
+    import flashattn.decoding as decoding
+
+    merged = []
+    merge = decoding.merge_partials
+
+    def counting_merge(*args):
+        merged.append(args[2].shape)  # the chunk's partial output
+        return merge(*args)
+
+    monkeypatch.setattr(decoding, "merge_partials", counting_merge)
+    lens = torch.tensor([j, j // 3])
+    q, k, v = make_cache(2, 4, 2, 1, j, 16, 16, lens, dtype=torch.float64, seed=j)
+    o = split_kv_attention(q, k, v, lens, scale=0.25, num_splits=num_splits)
+    assert len(merged) == chunks
+    assert rel_error(o, reference_decode(q, k, v, lens, scale=0.25)) < TOLERANCE[torch.float64]
+
+
 def test_float64_takes_the_pytorch_path():
     lens = torch.tensor([50, 0, 13])
     q, k, v = make_cache(3, 4, 2, 2, 50, 16, 16, lens, dtype=torch.float64)
