@@ -13,6 +13,7 @@ import ast
 import importlib.metadata
 import importlib.util
 import json
+import math
 import re
 import subprocess
 import sys
@@ -256,6 +257,25 @@ def test_saved_bytes_counts_what_autograd_keeps_each_storage_once():
     # nothing is kept without autograd
     with torch.no_grad():
         assert saved_bytes(lambda: einsum(q, k, v)) == 0
+
+
+def test_check_prints_its_line_and_fails_past_the_tolerance_or_on_nan(capsys):
+    """Every chapter's checks go through ``check``: within the tolerance it prints, past it (or on NaN) it raises."""
+    from flashattn.book import check, max_error
+
+    want = torch.tensor([[1.0, -2.0], [0.5, 4.0]], dtype=torch.float64)
+    got = (want + torch.tensor([[0.0, 3e-3], [-1e-3, 0.0]], dtype=torch.float64)).float()
+    assert max_error(got, want) == pytest.approx(3e-3, rel=1e-5)
+    check("o matches", got, want, atol=0.25)
+    assert capsys.readouterr().out == "o matches: max |error| = 3.0e-03 (tolerance 0.25)\n"
+    with pytest.raises(AssertionError, match=r"o matches: max \|error\| = 3.000e-03 exceeds the tolerance 0.001"):
+        check("o matches", got, want, atol=1e-3)
+    got[1, 0] = math.nan
+    with pytest.raises(AssertionError, match="max \\|error\\| = nan exceeds the tolerance 0.25"):
+        check("o matches", got, want, atol=0.25)
+    with pytest.raises(ValueError, match=r"got has shape \(2, 1\) but want has shape \(2, 2\)"):
+        check("o matches", got[:, :1], want, atol=0.25)
+    assert max_error(torch.empty(0, 3), torch.empty(0, 3)) == 0.0
 
 
 @pytest.mark.parametrize("record_name, device, emulation", [
