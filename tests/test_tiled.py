@@ -412,3 +412,18 @@ def test_saved_for_backward_is_linear():
         elements = 2 * 4 * i * 16 + 2 * 2 * j * (16 + 8) + 2 * 4 * i * 8 + 2 * 4 * i
         assert saved_bytes(tiled, i, j) == 8 * elements
     assert saved_bytes(reference_attention, 240, 280) > 3.5 * saved_bytes(reference_attention, 120, 140)
+
+
+def test_every_entry_point_is_not_causal_unless_asked():
+    """The default of ``causal`` is False everywhere: each function called without it equals non-causal attention."""
+    q, k, v, do = make_inputs(1, 2, 1, 20, 20, 8, 8, False, torch.float64, seed=21)
+    want = reference_attention(q, k, v)
+    dq, dk, dv = torch.autograd.grad(want, (q, k, v), do)
+    o, lse = tiled_forward_fa2(q, k, v, block_q=8, block_k=8)
+    torch.testing.assert_close(o, want)
+    torch.testing.assert_close(tiled_forward_fa1(q, k, v, block_q=8, block_k=8)[0], want)
+    torch.testing.assert_close(tiled_attention(q, k, v, block_q=8, block_k=8), want)
+    for backward in (tiled_backward, tiled_backward_two_pass):
+        got = backward(do, q, k, v, o, lse, block_q=8, block_k=8)
+        for g, w in zip(got, (dq, dk, dv)):
+            torch.testing.assert_close(g, w)
