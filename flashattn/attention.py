@@ -223,12 +223,13 @@ class FlashAttention(nn.Module):
         # half-precision scores and exponentials lose too much: like the fused kernels,
         # the path computes in at least float32 and rounds only the output
         work = torch.promote_types(q.dtype, torch.float32)
+        q_w, k_w, v_w = x.q.to(work), x.k.to(work), x.v.to(work)
 
         # grouped-query attention: each key/value head serves `group` query heads
-        k = repeat(x.k.to(work), "b h_kv j d -> b (h_kv g) j d", g=x.group)
-        v = repeat(x.v.to(work), "b h_kv j d -> b (h_kv g) j d", g=x.group)
+        k = repeat(k_w, "b h_kv j d -> b (h_kv g) j d", g=x.group)
+        v = repeat(v_w, "b h_kv j d -> b (h_kv g) j d", g=x.group)
 
-        s = torch.einsum("b h i d, b h j d -> b h i j", x.q.to(work), k) * x.scale  # (b, h, i, j)
+        s = torch.einsum("b h i d, b h j d -> b h i j", q_w, k) * x.scale  # (b, h, i, j)
         if attn_bias is not None:
             s = s + attn_bias.to(work)
         keep = combined_keep(mask, self.causal, i, j, q.device)
