@@ -218,18 +218,17 @@ class FlashAttention(nn.Module):
 
     def einsum_attn(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, attn_bias: Tensor | None = None) -> Tensor:
         """Attention from its definition: scores, mask, softmax, dropout, weighted sum."""
-        x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias)
-        i, j = q.shape[2], x.k.shape[2]
         # half-precision scores and exponentials lose too much: like the fused kernels,
         # the path computes in at least float32 and rounds only the output
-        work = torch.promote_types(q.dtype, torch.float32)
-        q_w, k_w, v_w = x.q.to(work), x.k.to(work), x.v.to(work)
+        x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias, at_least=torch.float32)
+        work = x.q.dtype
+        i, j = q.shape[2], x.k.shape[2]
 
         # grouped-query attention: each key/value head serves `group` query heads
-        k = repeat(k_w, "b h_kv j d -> b (h_kv g) j d", g=x.group)
-        v = repeat(v_w, "b h_kv j d -> b (h_kv g) j d", g=x.group)
+        k = repeat(x.k, "b h_kv j d -> b (h_kv g) j d", g=x.group)
+        v = repeat(x.v, "b h_kv j d -> b (h_kv g) j d", g=x.group)
 
-        s = torch.einsum("b h i d, b h j d -> b h i j", q_w, k) * x.scale  # (b, h, i, j)
+        s = torch.einsum("b h i d, b h j d -> b h i j", x.q, k) * x.scale  # (b, h, i, j)
         if attn_bias is not None:
             s = s + attn_bias.to(work)
         keep = combined_keep(mask, self.causal, i, j, q.device)

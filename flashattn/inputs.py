@@ -193,20 +193,22 @@ def prepare(
     scale: float | None = None,
     mask: Tensor | None = None,
     attn_bias: Tensor | None = None,
-    dtype: torch.dtype | None = None,
+    at_least: torch.dtype | None = None,
     names: tuple[str, str, str] = ("q", "k", "v"),
 ) -> Prepared:
     """Check the inputs of attention and bring them to one form (see :class:`Prepared`).
 
     3-D ``k``, ``v`` ``(b, j, d)`` become ``(b, 1, j, d)`` views, through
-    which autograd returns gradients of the original shape. With ``dtype``,
-    ``q``, ``k`` and ``v`` are cast to it (the working dtype of an
-    implementation that computes in more precision than its inputs).
+    which autograd returns gradients of the original shape. With
+    ``at_least``, ``q``, ``k`` and ``v`` are cast, once checked, to the wider
+    of their dtype and ``at_least`` (the working dtype of an implementation
+    that computes in more precision than its inputs).
     ``mask`` and ``attn_bias`` are checked, not changed; ``names`` are the
     caller's names of ``q``, ``k`` and ``v``, for the errors.
     """
     k, v = check_attention_inputs(q, k, v, mask, attn_bias, names)
     scale = check_scale(scale)
-    if dtype is not None:
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if at_least is not None:
+        work = torch.promote_types(q.dtype, at_least)
+        q, k, v = q.to(work), k.to(work), v.to(work)
     return Prepared(q, k, v, q.shape[-1] ** -0.5 if scale is None else scale, q.shape[1] // k.shape[1])

@@ -63,7 +63,7 @@ def _in_working_dtype(q: Tensor, k: Tensor, v: Tensor, scale: float | None, bloc
     """
     check_positive_int("block_q", block_q)
     check_positive_int("block_k", block_k)
-    return prepare(q, k, v, scale=scale, dtype=torch.promote_types(q.dtype, torch.float32))
+    return prepare(q, k, v, scale=scale, at_least=torch.float32)
 
 
 def tiled_forward_fa2(
@@ -89,8 +89,8 @@ def tiled_forward_fa2(
     ``(b, h, i, d_v)`` in the dtype of ``q``, and ``lse`` ``(b, h, i)`` in at
     least float32, ``-inf`` for a row with no key (whose ``o`` is zero).
     """
-    out_dtype = q.dtype
     x = _in_working_dtype(q, k, v, scale, block_q, block_k)
+    out_dtype = q.dtype  # q as given, now checked
     q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
     j, d_v = k.shape[2], v.shape[3]
@@ -147,8 +147,8 @@ def tiled_forward_fa1(
     Same arguments as :func:`tiled_forward_fa2`; returns ``(o, lse)`` with
     ``lse = m + log l``, formed once at the end.
     """
-    out_dtype = q.dtype
     x = _in_working_dtype(q, k, v, scale, block_q, block_k)
+    out_dtype = q.dtype  # q as given, now checked
     q, k, v, scale, g = x.q, x.k, x.v, x.scale, x.group
     b, h, i, _ = q.shape
     j, d_v = k.shape[2], v.shape[3]
@@ -245,8 +245,9 @@ def tiled_backward(
     :func:`tiled_forward_fa2`; the other arguments as given to it. Returns
     ``(dq, dk, dv)`` shaped and typed like ``q``, ``k``, ``v``.
     """
-    out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
-    do, q, k, v, delta, lse, scale, g = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    setup = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape  # as given, now checked
+    do, q, k, v, delta, lse, scale, g = setup
     i, j = q.shape[2], k.shape[2]
     dq = torch.zeros_like(q)  # (b, h, i, d)
     dk = torch.zeros_like(k)  # (b, h_kv, j, d)
@@ -293,8 +294,9 @@ def tiled_backward_two_pass(
     added atomically; the price is that ``P`` and ``dS`` are computed twice.
     Same arguments and returns as :func:`tiled_backward`.
     """
-    out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape
-    do, q, k, v, delta, lse, scale, g = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    setup = _backward_setup(do, q, k, v, o, lse, scale, block_q, block_k)
+    out_dtype, k_shape, v_shape = q.dtype, k.shape, v.shape  # as given, now checked
+    do, q, k, v, delta, lse, scale, g = setup
     i, j = q.shape[2], k.shape[2]
     dq = torch.empty_like(q)  # (b, h, i, d)
     dk = torch.empty_like(k)  # (b, h_kv, j, d)

@@ -427,3 +427,14 @@ def test_every_entry_point_is_not_causal_unless_asked():
         got = backward(do, q, k, v, o, lse, block_q=8, block_k=8)
         for g, w in zip(got, (dq, dk, dv)):
             torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("name", ["tiled_forward_fa2", "tiled_forward_fa1", "tiled_backward", "tiled_backward_two_pass"])
+def test_a_q_that_is_not_a_tensor_is_named(name):
+    """The checks run before anything reads q's dtype or k's shape."""
+    import flashattn.tiled as tiled
+
+    k = torch.randn(1, 2, 4, 8)
+    args = ([[1.0]], k, k) if name.startswith("tiled_forward") else (k, [[1.0]], k, k, k, k[..., 0])
+    with pytest.raises(TypeError, match="q must be a torch.Tensor, got list"):
+        getattr(tiled, name)(*args)
