@@ -14,8 +14,10 @@ time, which is what bounds the small decoding steps in eager mode); peak
 memory; and the attention kernels that ran, read off ``torch.profiler``.
 
 With a mask the module always zeroes the rows that have no key to attend, on
-the GPU (one extra pass over the output); the key padding problem measures
-that cost against the direct call with the same mask. The host time of one
+the GPU (a kernel that writes only those rows, and +inf into the log-sum-exp
+that SDPA saved for its backward, so that the rows give no gradient); the key
+padding problem measures that cost, in time and peak memory, against the
+direct call with the same mask. The host time of one
 masked call, and whether it waits for the GPU, is ``host_time.py``'s to measure.
 
     python benchmarks/bench_module.py --out flashattn/results/module-h200.json

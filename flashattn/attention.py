@@ -73,6 +73,10 @@ def zero_rows_kernel(o: Tensor):
 class _ZeroRowsWithoutKey(torch.autograd.Function):
     """``o`` with the rows that have no key set to zero, and their gradient set to zero.
 
+    The way of :func:`zero_rows_without_key` where SDPA's saved log-sum-exp
+    cannot be reached (:func:`saved_row_lse`): it costs a copy of the
+    incoming gradient.
+
     A pass of ``masked_fill`` over the whole output would cost a read and a
     write of it; the kernel writes only the empty rows. It writes through
     ``o.data``, out of autograd's sight, so that SDPA's backward may still
@@ -97,9 +101,58 @@ class _ZeroRowsWithoutKey(torch.autograd.Function):
         return torch.where(row_has_key[..., None], do, do.new_zeros(()), out=do_kept), None, None
 
 
+# what PyTorch's autograd nodes of its fused kernels call the log-sum-exp they save (flash, cuDNN and the
+# CPU's flash kernel: logsumexp; memory-efficient: log_sumexp, as its output is named)
+_SAVED_LSE_NAMES = ("_saved_logsumexp", "_saved_log_sumexp")
+
+
+def saved_row_lse(o: Tensor) -> Tensor | None:
+    """The log-sum-exp of each row that SDPA's fused backward of ``o`` will read: a ``(b, h, i)`` view of what it saved.
+
+    None where there is none to reach: ``o`` is not the output of a fused
+    kernel (the math backend, a padded output), or saved tensors pass through
+    hooks (``torch.utils.checkpoint``, offloading), which unpack a new copy
+    each time, so that writing into one would change nothing.
+    """
+    node = o.grad_fn
+    if node is None or torch.compiler.is_compiling():
+        return None
+    name = next((n for n in _SAVED_LSE_NAMES if hasattr(node, n)), None)
+    output = getattr(node, "_saved_output", None)
+    if name is None or output is None or output.data_ptr() != o.data_ptr():
+        return None
+    lse = getattr(node, name)
+    if getattr(node, name).data_ptr() != lse.data_ptr() or not lse.is_floating_point():  # a copy per unpacking
+        return None
+    b, h, i = o.shape[:3]
+    if lse.dim() < 3 or lse.shape[0] != b or lse.shape[1] != h:
+        return None
+    try:  # (b, h, i), or (b, h, i, 1), or padded to a multiple of 32 rows (memory-efficient)
+        rows = lse.data.view(b, h, -1)  # .data: out of autograd's sight, as o.data below
+    except RuntimeError:
+        return None
+    return rows[..., :i] if rows.shape[2] >= i else None
+
+
 def zero_rows_without_key(o: Tensor, row_has_key: Tensor) -> Tensor:
-    """``o`` ``(b, h, i, d_v)`` with zeros, and zero gradient, where ``row_has_key`` ``(b or 1, h or 1, i or 1, 1)`` is False."""
+    """``o`` ``(b, h, i, d_v)`` with zeros, and zero gradient, where ``row_has_key`` ``(b or 1, h or 1, i or 1, 1)`` is False.
+
+    Where SDPA's fused kernel saved its log-sum-exp for the backward, the
+    rows are silenced there: the backward recomputes each probability as
+    ``exp(s - lse)``, so ``lse = +inf`` makes every probability of the row
+    zero, and with it all that the row gives to dq, dk and dv (its
+    ``rowsum(dO * O)`` is zero too, ``O`` being zeroed). The incoming
+    gradient is then used as it is: no copy of it, and no pass over it.
+    """
     zero_rows_ = zero_rows_kernel(o)
+    lse = saved_row_lse(o) if o.requires_grad else None
+    if lse is not None:
+        if zero_rows_ is None:
+            lse.masked_fill_(~row_has_key[..., 0], float("inf"))
+            o.data.masked_fill_(~row_has_key, 0.0)
+        else:  # both in one launch
+            zero_rows_(o.data, row_has_key[..., 0], lse)
+        return o
     if zero_rows_ is None:
         return o.masked_fill(~row_has_key, 0.0)
     if not (o.requires_grad and torch.is_grad_enabled()):  # no gradient to zero: the kernel alone

@@ -8,6 +8,8 @@ against kernels (cuDNN) that do not.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -55,6 +57,47 @@ def test_empty_rows_are_zero_with_zero_gradients_on_cuda(flash, i, j):
     assert (o[1, :, -1] == 0).all() and (q.grad[1, :, -1] == 0).all()
     if i > j:  # causal leaves the first i - j rows empty
         assert (o[:, :, : i - j] == 0).all() and (q.grad[:, :, : i - j] == 0).all()
+
+
+@pytest.mark.parametrize("backend", [SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+def test_rows_without_key_are_silenced_in_sdpas_saved_log_sum_exp(backend):
+    """Each fused kernel that takes a mask: no node and no copy of dO after SDPA's, and the gradients of attention.
+
+    Causal with i > j leaves 217 of 517 rows without a key: were they not
+    silenced, their gradient would reach dk and dv in full. The same problem
+    under hooks that copy the saved tensors takes the copying path; both
+    are held to float64 as tightly as PyTorch's own kernel is.
+    """
+    b, h, h_kv, i, j, d = 2, 4, 2, 517, 300, 64
+    mask = torch.rand(b, 1, i, j, device=DEV, generator=torch.Generator(DEV).manual_seed(30)) > 0.3
+    mask[1, 0, 400] = False  # and one row empty by the mask
+    leaves = [randn(b, h, i, d, seed=31), randn(b, h_kv, j, d, seed=32), randn(b, h_kv, j, d, seed=33)]
+    do = randn(b, h, i, d, seed=34)
+    q64, k64, v64 = (t.double().cpu().requires_grad_() for t in leaves)
+    ref = reference_attention(q64, k64, v64, causal=True, mask=mask)
+    ref.backward(do.double().cpu())
+
+    def run(copying: bool):
+        q, k, v = (t.clone().requires_grad_() for t in leaves)
+        hooks = torch.autograd.graph.saved_tensors_hooks(torch.clone, torch.clone) if copying else contextlib.nullcontext()
+        try:
+            with sdpa_kernel(backend), hooks:
+                o = FlashAttention(causal=True)(q, k, v, mask=mask)
+                node = type(o.grad_fn).__name__
+                o.backward(do)
+        except RuntimeError as error:
+            if "No available kernel" in str(error):
+                pytest.skip(f"{backend.name} does not take this masked problem with torch {torch.__version__}: {error}")
+            raise
+        return node, [max_err(o, ref)] + [max_err(a.grad, r.grad) for a, r in zip((q, k, v), (q64, k64, v64))], q.grad
+
+    node, errors, dq = run(copying=False)
+    copied_node, copied_errors, _ = run(copying=True)
+    assert node.startswith("ScaledDotProduct") and not copied_node.startswith("ScaledDotProduct"), (node, copied_node)
+    assert (dq[:, :, : i - j] == 0).all() and (dq[1, :, 400] == 0).all()
+    for what, err, copied_err in zip(["o", "dq", "dk", "dv"], errors, copied_errors):
+        # the floor: one bf16 unit (2^-8) on unit-scale values
+        assert err <= 2 * copied_err + 2**-8, f"{backend.name} {what}: {err:.3g} vs the copying path's {copied_err:.3g}"
 
 
 def _cases(b=2, h=8, i=333, j=517, d=64):

@@ -38,6 +38,16 @@ def test_only_rows_without_key_are_written(flag_shape):
     assert torch.equal(o, want)
 
 
+@pytest.mark.parametrize("flag_shape", [(2, 1, 1), (2, 3, 7), (1, 1, 7)])
+def test_the_same_launch_writes_plus_infinity_into_the_empty_rows_lse(flag_shape):
+    o = randn(2, 3, 7, 24, seed=1)
+    lse = randn(2, 3, 32, seed=3)[..., :7]  # padded rows, as the memory-efficient kernel saves it
+    flags = (torch.rand(flag_shape, generator=torch.Generator().manual_seed(2)) > 0.4).to(DEVICE)
+    want_o, want_lse = o.masked_fill(~flags[..., None], 0.0), lse.masked_fill(~flags, float("inf"))
+    zero_rows_without_key_(o, flags, lse)
+    assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
+
+
 def test_gradients_through_the_in_place_zeroing():
     q = randn(2, 3, 7, 16, seed=3).requires_grad_()
     k, v = randn(2, 3, 9, 16, seed=4).requires_grad_(), randn(2, 3, 9, 16, seed=5).requires_grad_()
@@ -91,9 +101,9 @@ def kernel_calls(monkeypatch):
     calls = []
 
     def kernel_for(o):
-        def zero_rows_(o, row_has_key):
+        def zero_rows_(o, row_has_key, lse=None):
             calls.append(tuple(o.shape))
-            zero_rows_without_key_(o, row_has_key)
+            zero_rows_without_key_(o, row_has_key, lse)
 
         return zero_rows_
 
@@ -125,7 +135,7 @@ def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_cal
     applied = []
     apply = _ZeroRowsWithoutKey.apply
     monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or apply(*args))
-    q, k, v = randn(2, 4, 7, 16, seed=13), randn(2, 2, 5, 16, seed=14), randn(2, 2, 5, 16, seed=15)
+    q, k, v = randn(2, 4, 7, 16, seed=13), randn(2, 4, 5, 16, seed=14), randn(2, 4, 5, 16, seed=15)
     mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
     mask[0, 0, 3] = False  # an empty row
     module = FlashAttention(causal=True)
@@ -133,7 +143,79 @@ def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_cal
         fast = module(q.requires_grad_(), k, v, mask=mask)
     assert kernel_calls == [(2, 4, 7, 16)] and applied == []
     assert (fast[0, :, 3] == 0).all() and (fast[:, :, :2] == 0).all()
-    tracked = module(q, k, v, mask=mask)  # q requires a gradient: through the autograd function
-    assert applied == [1]
+    tracked = module(q, k, v, mask=mask)  # q requires a gradient: the rows silenced in SDPA's saved log-sum-exp
+    assert applied == [] and type(tracked.grad_fn).__name__.startswith("ScaledDotProduct")
     assert torch.equal(fast, tracked.detach())
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+        hooked = module(q, k, v, mask=mask)  # the saved tensors are copies: through the autograd function
+    assert applied == [1]
+    assert torch.equal(fast, hooked.detach())
+
+
+def sdpa_node(o):
+    """The autograd node of the SDPA kernel that computed ``o``, however many nodes lie between."""
+    nodes = [o.grad_fn]
+    while nodes:
+        node = nodes.pop()
+        if type(node).__name__.startswith("ScaledDotProduct"):
+            return node
+        nodes.extend(next_node for next_node, _ in node.next_functions if next_node is not None)
+    raise AssertionError("no SDPA node in the graph of o")
+
+
+def masked_problem(seed):
+    """A causal problem with a mask that empties rows (0 and 1 by the causal rule, one by the mask).
+
+    Heads are not grouped: on a GPU, float32 with grouped heads goes to the
+    math kernel, which saves no log-sum-exp (the bfloat16 tests on CUDA
+    group them, in test_attention_cuda.py).
+    """
+    q = randn(2, 4, 7, 16, seed=seed).requires_grad_()
+    k, v = randn(2, 4, 5, 16, seed=seed + 1).requires_grad_(), randn(2, 4, 5, 16, seed=seed + 2).requires_grad_()
+    mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(seed + 3)) > 0.3).to(DEVICE)
+    mask[1, 0, 4] = False
+    return q, k, v, mask
+
+
+def check_against_float64(o, grads, q, k, v, mask, do):
+    o_ref = reference_attention(q, k, v, causal=True, mask=mask)
+    grads_ref = torch.autograd.grad(o_ref, (q, k, v), do.double().cpu())
+    # float32 against float64: sums of at most 5 terms of unit-scale values, a few roundoffs of 6e-8
+    torch.testing.assert_close(o.double().cpu(), o_ref, atol=1e-5, rtol=1e-5)
+    for grad, grad_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(grad.double().cpu(), grad_ref.double().cpu(), atol=1e-5, rtol=1e-5)
+    assert (grads[0][:, :, :2] == 0).all() and (grads[0][1, :, 4] == 0).all()
+
+
+def test_silenced_rows_take_no_copy_of_the_incoming_gradient(kernel_calls):
+    """The backward receives the caller's gradient itself, unchanged, and the gradients are those of attention."""
+    q, k, v, mask = masked_problem(seed=20)
+    o = FlashAttention(causal=True)(q, k, v, mask=mask)
+    do = randn(*o.shape, seed=24)
+    before = do.clone()
+    seen = []
+    sdpa_node(o).register_prehook(lambda grad_outputs: seen.append(grad_outputs[0].data_ptr()))
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    assert seen == [do.data_ptr()] and torch.equal(do, before)  # SDPA's backward read the caller's tensor, unwritten
+    check_against_float64(o, grads, q, k, v, mask, do)
+
+
+def test_rows_silenced_through_hooks_on_saved_tensors_are_still_right(kernel_calls):
+    """Under hooks that copy saved tensors (checkpointing, offloading), the log-sum-exp cannot be reached: same gradients."""
+    q, k, v, mask = masked_problem(seed=30)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+        o = FlashAttention(causal=True)(q, k, v, mask=mask)
+        do = randn(*o.shape, seed=34)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+    check_against_float64(o, grads, q, k, v, mask, do)
+
+
+def test_the_module_on_the_cpu_silences_rows_without_the_kernel():
+    """Without the zeroing kernel (masked_fill on o.data): the same output and gradients as attention."""
+    q, k, v, mask = masked_problem(seed=40)
+    q, k, v, mask = (t.detach().cpu().requires_grad_(t.requires_grad) for t in (q, k, v, mask))
+    o = FlashAttention(causal=True)(q, k, v, mask=mask)
+    do = randn(*o.shape, seed=44).cpu()
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    check_against_float64(o, grads, q, k, v, mask, do)
 

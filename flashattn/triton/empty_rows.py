@@ -15,18 +15,21 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .runtime import launch
+
 _BLOCK_ROWS = 64
 
 
 @triton.jit
 def _zero_rows_kernel(
-    o_ptr, flag_ptr,
+    o_ptr, flag_ptr, lse_ptr,
     stride_ob, stride_oh, stride_oi,
     stride_fb, stride_fh, stride_fi,
+    stride_lb, stride_lh, stride_li,
     i, d_v,
-    BLOCK_ROWS: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, SILENCE_LSE: tl.constexpr,
 ):
-    """Grid (n_row_tiles, h, b): store zeros in the rows of one tile whose flag is 0."""
+    """Grid (n_row_tiles, h, b): store zeros in the rows of one tile whose flag is 0 (and +inf in their lse)."""
     head = tl.program_id(1).to(tl.int64)
     batch = tl.program_id(2).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -36,19 +39,25 @@ def _zero_rows_kernel(
     ptrs = o_ptr + batch * stride_ob + head * stride_oh + rows.to(tl.int64)[:, None] * stride_oi + cols[None, :]
     zeros = tl.zeros([BLOCK_ROWS, BLOCK_DV], dtype=o_ptr.dtype.element_ty)
     tl.store(ptrs, zeros, mask=empty[:, None] & (cols < d_v)[None, :])
+    if SILENCE_LSE:
+        inf = tl.full([BLOCK_ROWS], float("inf"), dtype=lse_ptr.dtype.element_ty)
+        tl.store(lse_ptr + batch * stride_lb + head * stride_lh + rows * stride_li, inf, mask=empty)
 
 
-def zero_rows_without_key_(o: Tensor, row_has_key: Tensor) -> None:
-    """Set ``o[n, eta, r, :] = 0`` wherever ``row_has_key`` is False, in place.
+def zero_rows_without_key_(o: Tensor, row_has_key: Tensor, lse: Tensor | None = None) -> None:
+    """Set ``o[n, eta, r, :] = 0`` wherever ``row_has_key`` is False, in place; and ``lse[n, eta, r] = +inf`` there.
 
     ``o`` is a CUDA tensor ``(b, h, i, d_v)`` whose last dimension has unit
     stride; ``row_has_key`` is a bool tensor of shape ``(b or 1, h or 1, i or 1)``
-    that broadcasts to ``(b, h, i)``.
+    that broadcasts to ``(b, h, i)``; ``lse``, when given, a floating tensor
+    ``(b, h, i)`` (the log-sum-exp that SDPA saved for its backward), written
+    in the same launch.
     """
     b, h, i, d_v = o.shape
     flags = row_has_key.expand(b, h, i).view(torch.uint8)  # zero strides where it broadcasts
     grid = (triton.cdiv(i, _BLOCK_ROWS), h, b)
-    _zero_rows_kernel[grid](
-        o, flags, *o.stride()[:3], *flags.stride(), i, d_v,
-        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_DV=triton.next_power_of_2(d_v),
+    launch(_zero_rows_kernel, grid,
+        o, flags, flags if lse is None else lse, *o.stride()[:3], *flags.stride(),
+        *(flags if lse is None else lse).stride(), i, d_v,
+        BLOCK_ROWS=_BLOCK_ROWS, BLOCK_DV=triton.next_power_of_2(d_v), SILENCE_LSE=lse is not None,
     )
