@@ -582,3 +582,59 @@ def test_a_call_without_gradients_skips_autograd_and_gives_the_same_output(d_v):
     assert tracked.grad_fn is not None
     assert fast.shape == (2, 4, 37, d_v) and fast.is_contiguous() == tracked.is_contiguous()
     assert torch.equal(fast, tracked.detach()) and torch.equal(plain, tracked.detach())
+
+
+def test_the_launch_key_tells_apart_what_triton_specialises_on():
+    """Arguments that triton compiles different kernels for never share a key; floats, which it does not specialise, do."""
+    key = runtime_module._argument_key
+    buffer = torch.empty(64, dtype=torch.float16)
+    aligned, shifted = buffer[:32], buffer[1:33]  # 2 bytes apart: one of them is not on 16 bytes
+    assert key(aligned) != key(shifted) and key(aligned) == key(buffer[8:40])  # 16 bytes apart: alike
+    assert key(aligned) != key(aligned.float())
+    assert key(1) != key(True) and key(0) != key(False)  # an int 1 is a constant to triton, a bool an i1
+    assert key(16) != key(32) and key(1) != key(2)
+    assert key(0.5) == key(2.0) and key(0.5) != key(1)
+    with pytest.raises(TypeError):
+        key("a string")  # no key: launched through triton's own path
+
+
+@on_cuda
+def test_a_launch_seen_before_skips_tritons_binding_and_gives_the_same_result(monkeypatch):
+    """The second call of one shape launches the compiled kernel directly: the same output, bit for bit.
+
+    A view whose address is not on 16 bytes is another specialisation: it
+    goes through triton's own launch again, and is right against float64.
+    """
+    if runtime_module.triton_version() not in runtime_module.DIRECT_LAUNCH_TRITONS:
+        pytest.skip(f"triton {runtime_module.triton_version()} launches every kernel through its own path")
+    from triton.runtime.jit import JITFunction
+
+    bound = []
+    run = JITFunction.run
+    monkeypatch.setattr(JITFunction, "run", lambda self, *args, **kwargs: bound.append(1) or run(self, *args, **kwargs))
+    q, k, v = (torch.randn(2, 4, 203, 64, device="cuda", dtype=torch.float16) for _ in range(3))
+    first = triton_attention(q, k, v, causal=True)
+    bound.clear()
+    second = triton_attention(q, k, v, causal=True)
+    assert bound == [] and torch.equal(first, second)
+    storage = torch.randn(2 * 4 * 203 * 64 + 1, device="cuda", dtype=torch.float16)
+    shifted = storage[1:].view(2, 4, 203, 64)  # 2 bytes past the allocation: not on 16 bytes
+    o = triton_attention(shifted, k, v, causal=True)
+    assert bound != []  # a new specialisation: triton's own launch
+    ref = reference_attention(shifted, k, v, causal=True)
+    assert rel_error(o, ref) <= TOLERANCE[torch.float16]
+
+
+def test_the_direct_launch_is_the_one_the_installed_triton_makes():
+    """For a triton of DIRECT_LAUNCH_TRITONS, its JITFunction.run binds and launches as runtime._launch_compiled repeats."""
+    import inspect
+
+    if runtime_module.triton_version() not in runtime_module.DIRECT_LAUNCH_TRITONS:
+        pytest.skip(f"triton {runtime_module.triton_version()} launches every kernel through its own path")
+    from triton.runtime.jit import JITFunction
+
+    source = " ".join(inspect.getsource(JITFunction.run).split())
+    assert "kernel_cache, kernel_key_cache, target, backend, binder = self.device_caches[device]" in source
+    assert "bound_args, specialization, options = binder(*args, **kwargs)" in source
+    assert ("kernel.run(grid_0, grid_1, grid_2, stream, kernel.function, kernel.packed_metadata, launch_metadata, "
+            "knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook, *bound_args.values())") in source

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib
 import math
 from collections.abc import Iterator
@@ -98,14 +99,38 @@ def _kernels() -> ModuleType:
     return importlib.import_module(f"{__package__}.fa3_kernels")
 
 
-def _descriptor(t: Tensor, rows: int) -> object:
-    """A TMA descriptor of ``t`` (b, heads, n, d) whose box is one tile: (1, 1, rows, d)."""
+@functools.cache
+def _shared_layout(rows: int, d: int, dtype: torch.dtype) -> object:
+    """The shared-memory layout of one (1, 1, rows, d) tile: the same few on every call, built once."""
     from triton.experimental.gluon import language as gl
+
+    return gl.NVMMASharedLayout.get_default_for([1, 1, rows, d], gl.bfloat16 if dtype == torch.bfloat16 else gl.float16)
+
+
+@functools.cache
+def _descriptor_defaults() -> dict[str, object]:
+    """The fields of Gluon's ``TensorDescriptor`` that have defaults, with them (3.9 added one)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    block = [1, 1, rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return {f.name: f.default for f in dataclasses.fields(TensorDescriptor) if f.default is not dataclasses.MISSING}
+
+
+def _descriptor(t: Tensor, rows: int) -> object:
+    """A TMA descriptor of ``t`` (b, heads, n, d) whose box is one tile: (1, 1, rows, d).
+
+    Built without the dataclass's own checks, which cost microseconds on
+    every call (three descriptors per launch): the same alignment was
+    checked before the kernel was chosen (:func:`_inputs_unsupported`), and
+    the box is one of two constant shapes. ``tests/test_fa3.py`` checks
+    that the result equals the checked construction.
+    """
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    d = t.shape[-1]
+    descriptor = object.__new__(TensorDescriptor)
+    descriptor.__dict__.update(_descriptor_defaults(), base=t, shape=list(t.shape), strides=list(t.stride()),
+                               block_shape=[1, 1, rows, d], layout=_shared_layout(rows, d, t.dtype))
+    return descriptor
 
 
 def fa3_forward(
@@ -151,7 +176,7 @@ def launch_gluon(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
     j = k.shape[2]
     o = q.new_empty(b, h, i, v.shape[-1])
     lse = q.new_empty(b, h, i, dtype=torch.float32)
-    _kernels().fa3_fwd_kernel[(math.ceil(i / (cfg.warpgroups * BLOCK_M)), h, b)](
+    runtime.launch(_kernels().fa3_fwd_kernel, (math.ceil(i / (cfg.warpgroups * BLOCK_M)), h, b),
         _descriptor(q, BLOCK_M), _descriptor(k, BLOCK_N), _descriptor(v, BLOCK_N), o, lse,
         *o.stride()[:3], h, h // k.shape[1], i, j, scale * math.log2(math.e),
         CAUSAL=causal, STAGES=STAGES, CONSUMERS=cfg.warpgroups, SCHEDULE=SCHEDULES[cfg.schedule], num_warps=4,
@@ -200,7 +225,13 @@ def gluon_configs(configs: KernelConfigs, device: torch.device, causal: bool, q:
     cfg = _GLUON_TABLE.get(hopper_key(q.shape[-1], causal, q.shape[2], k.shape[2]))
     if cfg is None or device_capability(device)[0] != 9 or _inputs_unsupported(q, k, v) is not None:
         return configs
-    return dataclasses.replace(configs, fwd=cfg)
+    merged = _merged.get((configs, cfg))
+    if merged is None:  # the same few pairs on every call: built once
+        merged = _merged[(configs, cfg)] = dataclasses.replace(configs, fwd=cfg)
+    return merged
+
+
+_merged: dict[tuple[KernelConfigs, GluonLaunch], KernelConfigs] = {}
 
 
 class _FA3Attention(torch.autograd.Function):

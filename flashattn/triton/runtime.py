@@ -37,14 +37,29 @@ def _dotted(version: tuple[int, int]) -> str:
     return ".".join(map(str, version))
 
 
+_version_read: tuple[object, str | None] | None = None  # (the function that read it, the version)
+
+
 def _installed_triton() -> str | None:
-    """The installed triton's version string, or None when there is none; does not import triton."""
+    """The installed triton's version string, or None when there is none; does not import triton.
+
+    Read from the package metadata once (reading it takes hundreds of
+    microseconds, and the Gluon dispatch asks on every call); read again
+    when ``importlib.metadata.version`` is not the function that read it (a
+    test that mocks it).
+    """
+    global _version_read
     if "triton" in sys.modules and sys.modules["triton"] is None:  # import blocked: python -c "...= None"
         return None
+    read = importlib.metadata.version
+    if _version_read is not None and _version_read[0] is read:
+        return _version_read[1]
     try:
-        return importlib.metadata.version("triton")
+        version = read("triton")
     except importlib.metadata.PackageNotFoundError:
-        return None
+        version = None
+    _version_read = (read, version)
+    return version
 
 
 def _found() -> str:
@@ -203,10 +218,107 @@ def _interpretable_language() -> Iterator[None]:
             setattr(module, name, helper)
 
 
+# triton releases whose JITFunction.run launches a compiled kernel as _launch_compiled does (read in their
+# source, and run on the GPU runner with 3.6); with any other, every launch goes through JITFunction.run
+DIRECT_LAUNCH_TRITONS = ((3, 6), (3, 9))
+# (kernel, device, what triton specialises on of each argument, keyword arguments, compile knobs)
+#   -> (compiled kernel, the values of the parameters after the positional ones)
+_compiled: dict[tuple, tuple[object, tuple]] = {}
+MAX_COMPILED_LAUNCHES = 1024
+_UNSEEN = object()
+_direct: bool | None = None  # whether this triton is one of DIRECT_LAUNCH_TRITONS; asked on the first launch
+
+
+def _argument_key(arg: object) -> object:
+    """What of one positional argument decides which compiled kernel triton launches: at least what it specialises on.
+
+    A tensor's dtype and whether its address is a multiple of 16; an int's
+    exact value (triton specialises on 1 and on multiples of 16, and picks
+    32 or 64 bits by size); a bool's value; a float's type only (triton does
+    not specialise floats). A TMA descriptor: everything but its base, and
+    its base's dtype. Anything else raises ``TypeError``: it is launched
+    through triton's own path.
+    """
+    kind = type(arg)
+    if isinstance(arg, torch.Tensor):
+        return (arg.dtype, arg.data_ptr() % 16 == 0)
+    if kind is int or kind is bool:
+        return (kind, arg)
+    if kind is float:
+        return float
+    if kind.__name__ == "TensorDescriptor":  # triton's or Gluon's: the launcher encodes it from these fields
+        return (kind, arg.base.dtype, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape), arg.layout,
+                getattr(arg, "padding", None))
+    raise TypeError(f"no launch key for {kind.__name__}")
+
+
+def _hooked(hook: object) -> bool:
+    """Whether a launch hook of triton's would do anything: set, and (a chain of hooks, as from 3.5 on) not empty."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
+def _launch_compiled(kernel: object, grid: tuple[int, int, int], args: tuple, kwargs: dict) -> bool:
+    """Launch the kernel that triton compiled for these arguments before, without triton's per-call work; False if none.
+
+    Triton's ``kernel[grid](...)`` binds and specialises every argument and
+    looks the compiled kernel up on every call: tens of microseconds of host
+    time per launch, as long as the kernel itself at short lengths. The
+    answer depends only on what :func:`_argument_key` keeps, so it is looked
+    up by that here and launched as ``JITFunction.run`` launches it.
+    """
+    from triton import knobs
+
+    if _hooked(knobs.runtime.launch_enter_hook) or _hooked(knobs.runtime.launch_exit_hook):
+        return False  # a profiler's hook wants triton's launch metadata
+    try:
+        device = torch.cuda.current_device()
+        key = (id(kernel), device, tuple(_argument_key(a) for a in args), tuple(kwargs.items()), knobs.runtime.debug,
+               knobs.compilation.instrumentation_mode, getattr(knobs.compilation, "fpsan_homomorphic_casts", None))
+        entry = _compiled.get(key, _UNSEEN)
+    except TypeError:  # an argument or keyword that no key describes, or cannot be hashed
+        return False
+    if entry is None:  # seen, and not to be launched but by triton
+        return False
+    if entry is _UNSEEN:
+        compiled = kernel[grid](*args, **kwargs)
+        _compiled[key] = _remembered(kernel, compiled, device, args, kwargs)
+        return True
+    compiled, tail = entry
+    grid_y = grid[1] if len(grid) > 1 else 1
+    grid_z = grid[2] if len(grid) > 2 else 1
+    stream = torch._C._cuda_getCurrentRawStream(device)
+    compiled.run(grid[0], grid_y, grid_z, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                 *args, *tail)
+    return True
+
+
+def _remembered(kernel: object, compiled: object, device: int, args: tuple, kwargs: dict) -> tuple | None:
+    """The kernel triton compiled and launched for these arguments, with the values it bound to the other parameters.
+
+    None where the launch is to stay triton's: a kernel with pre-run hooks,
+    or a triton that binds arguments otherwise than the releases read.
+    """
+    if len(_compiled) >= MAX_COMPILED_LAUNCHES:  # one entry per shape: a program of ever new shapes starts over
+        _compiled.clear()
+    try:
+        bound, _, _ = kernel.device_caches[device][-1](*args, **kwargs)  # triton's binder: every parameter's value
+        hooks = kernel.pre_run_hooks
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        return None
+    values = tuple(bound.values())
+    if hooks or not all(a is b for a, b in zip(values, args)):
+        return None
+    return (compiled.result() if hasattr(compiled, "result") else compiled), values[len(args):]
+
+
 def launch(kernel: Callable, grid: tuple[int, int, int], *args: object, **kwargs: object) -> None:
     """Launch ``kernel`` on ``grid``, on the GPU or through the interpreter, whichever it was defined for."""
+    global _direct
     if is_interpreted(kernel):
         with _interpretable_language():
             kernel[grid](*args, **kwargs)
-    else:
+        return
+    if _direct is None:
+        _direct = triton_version() in DIRECT_LAUNCH_TRITONS
+    if not (_direct and _launch_compiled(kernel, grid, args, kwargs)):
         kernel[grid](*args, **kwargs)
