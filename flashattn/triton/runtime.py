@@ -15,6 +15,7 @@ raising, for code that would rather skip the kernels.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.metadata
 import os
@@ -68,6 +69,7 @@ def _found() -> str:
     return f"{'no triton' if triton is None else f'triton {triton}'} with torch {torch.__version__}"
 
 
+@functools.lru_cache(maxsize=16)  # the same string on every call of the Gluon dispatch
 def _parse(version: str) -> tuple[int, int]:
     major, minor = version.split(".")[:2]
     return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
