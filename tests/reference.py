@@ -59,3 +59,15 @@ def reference_attention(
     denom = e.sum(dim=-1, keepdim=True)
     p = e / torch.where(empty, torch.ones_like(denom), denom)
     return p @ v64
+
+
+
+def copying_saved_tensors():
+    """Hooks under which autograd keeps a copy of every saved tensor and unpacks a new copy each time.
+
+    As offloading to another device does: what a backward reads is not the
+    tensor the forward saved. The copies are contiguous: on CUDA, PyTorch's
+    memory-efficient backward then needs the mask's strides to stay
+    multiples of 4 (so j a multiple of 4 in the masks of these tests).
+    """
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, torch.clone)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from reference import reference_attention
+from reference import copying_saved_tensors, reference_attention
 
 triton = pytest.importorskip("triton")
 import flashattn.attention as attention_module  # noqa: E402
@@ -135,18 +135,18 @@ def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_cal
     applied = []
     apply = _ZeroRowsWithoutKey.apply
     monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or apply(*args))
-    q, k, v = randn(2, 4, 7, 16, seed=13), randn(2, 4, 5, 16, seed=14), randn(2, 4, 5, 16, seed=15)
-    mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
+    q, k, v = randn(2, 4, 10, 16, seed=13), randn(2, 4, 8, 16, seed=14), randn(2, 4, 8, 16, seed=15)
+    mask = (torch.rand(2, 1, 10, 8, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
     mask[0, 0, 3] = False  # an empty row
     module = FlashAttention(causal=True)
     with torch.no_grad():
         fast = module(q.requires_grad_(), k, v, mask=mask)
-    assert kernel_calls == [(2, 4, 7, 16)] and applied == []
+    assert kernel_calls == [(2, 4, 10, 16)] and applied == []
     assert (fast[0, :, 3] == 0).all() and (fast[:, :, :2] == 0).all()
     tracked = module(q, k, v, mask=mask)  # q requires a gradient: the rows silenced in SDPA's saved log-sum-exp
     assert applied == [] and type(tracked.grad_fn).__name__.startswith("ScaledDotProduct")
     assert torch.equal(fast, tracked.detach())
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+    with copying_saved_tensors():
         hooked = module(q, k, v, mask=mask)  # the saved tensors are copies: through the autograd function
     assert applied == [1]
     assert torch.equal(fast, hooked.detach())
@@ -170,9 +170,9 @@ def masked_problem(seed):
     math kernel, which saves no log-sum-exp (the bfloat16 tests on CUDA
     group them, in test_attention_cuda.py).
     """
-    q = randn(2, 4, 7, 16, seed=seed).requires_grad_()
-    k, v = randn(2, 4, 5, 16, seed=seed + 1).requires_grad_(), randn(2, 4, 5, 16, seed=seed + 2).requires_grad_()
-    mask = (torch.rand(2, 1, 7, 5, generator=torch.Generator().manual_seed(seed + 3)) > 0.3).to(DEVICE)
+    q = randn(2, 4, 10, 16, seed=seed).requires_grad_()
+    k, v = randn(2, 4, 8, 16, seed=seed + 1).requires_grad_(), randn(2, 4, 8, 16, seed=seed + 2).requires_grad_()
+    mask = (torch.rand(2, 1, 10, 8, generator=torch.Generator().manual_seed(seed + 3)) > 0.3).to(DEVICE)
     mask[1, 0, 4] = False
     return q, k, v, mask
 
@@ -203,7 +203,7 @@ def test_silenced_rows_take_no_copy_of_the_incoming_gradient(kernel_calls):
 def test_rows_silenced_through_hooks_on_saved_tensors_are_still_right(kernel_calls):
     """Under hooks that copy saved tensors (checkpointing, offloading), the log-sum-exp cannot be reached: same gradients."""
     q, k, v, mask = masked_problem(seed=30)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t.clone()):
+    with copying_saved_tensors():
         o = FlashAttention(causal=True)(q, k, v, mask=mask)
         do = randn(*o.shape, seed=34)
         grads = torch.autograd.grad(o, (q, k, v), do)
