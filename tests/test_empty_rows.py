@@ -219,3 +219,28 @@ def test_the_module_on_the_cpu_silences_rows_without_the_kernel():
     grads = torch.autograd.grad(o, (q, k, v), do)
     check_against_float64(o, grads, q, k, v, mask, do)
 
+
+
+def test_the_saved_log_sum_exp_is_reached_only_where_a_fused_kernel_saved_it():
+    """On the CPU's flash kernel: a (b, h, i) view of the tensor the backward reads, equal to log-sum-exp of the scores.
+
+    None for the math kernel's output and for an output that another
+    operation has produced from SDPA's (padded rows).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from flashattn.attention import saved_row_lse
+
+    g = torch.Generator().manual_seed(50)
+    q, k, v = (torch.randn(2, 3, n, 16, generator=g, dtype=torch.float64, requires_grad=True) for n in (7, 9, 9))
+    o = F.scaled_dot_product_attention(q, k, v)
+    lse = saved_row_lse(o)
+    want = torch.logsumexp(q.detach() @ k.detach().transpose(-1, -2) * 16**-0.5, dim=-1)  # (2, 3, 7)
+    assert lse.shape == (2, 3, 7)
+    torch.testing.assert_close(lse, want, atol=1e-12, rtol=0)
+    lse[0, 0, 0] = 5.0  # a view: what the backward will read
+    assert o.grad_fn._saved_logsumexp[0, 0, 0] == 5.0
+    with sdpa_kernel(SDPBackend.MATH):
+        assert saved_row_lse(F.scaled_dot_product_attention(q, k, v)) is None
+    assert saved_row_lse(F.pad(o, (0, 0, 2, 0))) is None
+    assert saved_row_lse(o.detach()) is None
