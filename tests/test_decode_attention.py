@@ -12,9 +12,6 @@ the interpreter (conftest sets ``TRITON_INTERPRET=1``), and
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,6 +25,7 @@ from flashattn.triton.decoding import (
 )
 from flashattn.triton.runtime import is_interpreted, load_kernels
 from reference import reference_attention
+from fresh_python import run_without_interpreter
 
 INTERPRETED = is_interpreted(load_kernels("decode_kernels", "decode_attention").decode_split_kernel)
 on_cuda = pytest.mark.skipif(INTERPRETED or not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -162,8 +160,7 @@ def test_on_a_cpu_without_the_interpreter_the_pytorch_path_runs():
         "assert err < 1e-5, err\n"
         "print('ok', err)\n"
     )
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    run = run_without_interpreter(script)
     assert run.returncode == 0 and run.stdout.startswith("ok"), run.stdout + run.stderr
 
 

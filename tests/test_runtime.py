@@ -10,8 +10,6 @@ test fails when a triton comes that runs the kernels without them.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -19,8 +17,8 @@ import torch
 
 import flashattn.triton.runtime as runtime
 from flashattn.triton.runtime import TritonSupport, triton_support
+from fresh_python import run_without_interpreter
 
-ENV_WITHOUT_INTERPRETER = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
 
 
 @pytest.fixture
@@ -116,8 +114,7 @@ def test_without_triton_nothing_imports_it_and_nothing_raises_from_inside_it():
         "    print('ImportError:', e)\n"
         "assert sys.modules['triton'] is None\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env=ENV_WITHOUT_INTERPRETER)
+    out = run_without_interpreter(code, timeout=120)
     assert out.returncode == 0, out.stderr
     cpu, cuda, error = out.stdout.splitlines()
     assert cpu.startswith("TritonSupport(ok=False, reason=") and "found no triton with torch" in cpu
@@ -152,8 +149,7 @@ LATE_INTERPRETER = (
 def test_interpreter_set_after_import_needs_the_stand_ins():
     """If this fails because the unpatched run succeeds, triton no longer needs the stand-ins: remove them."""
     runs = {
-        how: subprocess.run([sys.executable, "-c", LATE_INTERPRETER, how], capture_output=True, text=True,
-                            timeout=300, env=ENV_WITHOUT_INTERPRETER)
+        how: run_without_interpreter(LATE_INTERPRETER, how)
         for how in ("patched", "unpatched")
     }
     assert runs["patched"].returncode == 0, runs["patched"].stderr

@@ -32,6 +32,7 @@ from flashattn.triton.launch import (
     launch_table, pick_configs, table_key,
 )
 from reference import reference_attention, reference_keep
+from fresh_python import run_without_interpreter
 
 INTERPRETED = is_interpreted(_kernels().attn_fwd_kernel)
 on_cpu = pytest.mark.skipif(not INTERPRETED, reason="the interpreter runs only without a GPU (TRITON_INTERPRET=1)")
@@ -392,8 +393,7 @@ def test_interpreter_switched_on_after_import():
         "o = flashattn.triton_attention(q, k, k, causal=True)\n"
         "print((o - tiled_forward_fa2(q, k, k, causal=True)[0]).abs().max().item())\n"
     )
-    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    out = run_without_interpreter(code)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout) < 1e-5
 
