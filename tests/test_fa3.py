@@ -100,11 +100,14 @@ def test_what_the_kernel_cannot_take_is_named_in_one_line():
 @pytest.mark.skipif(_installed_triton() is None or _parse(_installed_triton()) not in fa3.GLUON_TRITONS,
                     reason="builds Gluon's tensor descriptors")
 def test_the_descriptor_built_without_checks_equals_the_checked_one():
+    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     t = torch.randn(2, 300, 3, 8, 128, dtype=torch.bfloat16)[:, :, 1].transpose(1, 2)  # (2, 8, 300, 128), strided
-    fast = fa3._descriptor(t, fa3.BLOCK_N)
-    checked = TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, fa3.BLOCK_N, 128], fast.layout)
+    fast = fa3._descriptor(t, fa3.BLOCK_M)  # a box of 64 rows of 128: not square
+    block = [1, 1, fa3.BLOCK_M, 128]
+    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
+    checked = TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
     assert type(fast) is TensorDescriptor and fast.base is t
     assert {n: v for n, v in vars(fast).items() if n != "base"} == {n: v for n, v in vars(checked).items() if n != "base"}
 
