@@ -56,8 +56,8 @@ def zero_rows_without_key_(o: Tensor, row_has_key: Tensor, lse: Tensor | None = 
     b, h, i, d_v = o.shape
     flags = row_has_key.expand(b, h, i).view(torch.uint8)  # zero strides where it broadcasts
     grid = (triton.cdiv(i, _BLOCK_ROWS), h, b)
+    silenced = flags if lse is None else lse  # without lse, a stand-in that the kernel does not read
     launch(_zero_rows_kernel, grid,
-        o, flags, flags if lse is None else lse, *o.stride()[:3], *flags.stride(),
-        *(flags if lse is None else lse).stride(), i, d_v,
+        o, flags, silenced, *o.stride()[:3], *flags.stride(), *silenced.stride(), i, d_v,
         BLOCK_ROWS=_BLOCK_ROWS, BLOCK_DV=triton.next_power_of_2(d_v), SILENCE_LSE=lse is not None,
     )

@@ -38,7 +38,7 @@ from torch import Tensor
 from ..inputs import check_flag, prepare
 from . import runtime
 from .hopper import TMA_DTYPES, hopper_key, tma_fits
-from .launch import KernelConfigs, device_capability
+from .launch import KernelConfigs, device_capability, with_launches
 
 GLUON_TRITONS = ((3, 6), (3, 9))  # (major, minor) releases whose Gluon compiles the kernel for sm90
 HEAD_DIMS = (64, 128)
@@ -225,13 +225,7 @@ def gluon_configs(configs: KernelConfigs, device: torch.device, causal: bool, q:
     cfg = _GLUON_TABLE.get(hopper_key(q.shape[-1], causal, q.shape[2], k.shape[2]))
     if cfg is None or device_capability(device)[0] != 9 or _inputs_unsupported(q, k, v) is not None:
         return configs
-    merged = _merged.get((configs, cfg))
-    if merged is None:  # the same few pairs on every call: built once
-        merged = _merged[(configs, cfg)] = dataclasses.replace(configs, fwd=cfg)
-    return merged
-
-
-_merged: dict[tuple[KernelConfigs, GluonLaunch], KernelConfigs] = {}
+    return with_launches(configs, fwd=cfg)
 
 
 class _FA3Attention(torch.autograd.Function):

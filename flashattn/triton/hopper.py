@@ -16,7 +16,6 @@ other tensor).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from .launch import KernelConfigs, device_capability
+from .launch import KernelConfigs, device_capability, with_launches
 from .runtime import is_interpreted, launch, load_kernels
 
 TMA_ALIGNMENT = 16  # bytes: a descriptor's base address and row stride must be multiples of this
@@ -98,15 +97,7 @@ def hopper_configs(configs: KernelConfigs, device: torch.device, head_dim: int, 
     key = hopper_key(head_dim, causal, i, j)
     if not _enabled or key not in _HOPPER_TABLE or device_capability(device)[0] != 9 or not tma_fits(*tensors):
         return configs
-    merged = _merged.get((configs, key))
-    if merged is None:  # the same few pairs on every call: built once
-        fwd, dkdv, dq = _HOPPER_TABLE[key]
-        merged = dataclasses.replace(configs, fwd=fwd or configs.fwd, dkdv=dkdv or configs.dkdv, dq=dq or configs.dq)
-        _merged[(configs, key)] = merged
-    return merged
-
-
-_merged: dict[tuple[KernelConfigs, tuple[int, bool, str]], KernelConfigs] = {}
+    return with_launches(configs, *_HOPPER_TABLE[key])
 
 
 def _kernels() -> ModuleType:

@@ -45,6 +45,20 @@ class KernelConfigs:
     dq: TileConfig
 
 
+def with_launches(configs: KernelConfigs, fwd: object = None, dkdv: object = None, dq: object = None) -> KernelConfigs:
+    """``configs`` with the launches given in place of its own (None keeps one), built once per combination.
+
+    The Hopper and Gluon dispatches replace a few launches of a few table
+    rows on every call: the same handful of combinations, so they are kept.
+    """
+    key = (configs, fwd, dkdv, dq)
+    replaced = _replaced.get(key)
+    if replaced is None:
+        replaced = _replaced[key] = KernelConfigs(fwd or configs.fwd, dkdv or configs.dkdv, dq or configs.dq)
+    return replaced
+
+
+_replaced: dict[tuple, KernelConfigs] = {}
 _Launch = tuple[int, int, int, int]  # (block_q, block_k, num_warps, num_stages)
 
 
