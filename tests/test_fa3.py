@@ -109,6 +109,12 @@ def test_the_descriptor_built_without_checks_equals_the_checked_one():
     layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16)
     checked = TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
     assert type(fast) is TensorDescriptor and fast.base is t
+    # the direct launch tells descriptors apart by everything but their base
+    key = runtime._argument_key
+    other = torch.randn(2, 300, 3, 8, 128, dtype=torch.bfloat16)[:, :, 2].transpose(1, 2)  # same layout
+    assert key(fast) == key(checked) == key(fa3._descriptor(other, fa3.BLOCK_M))
+    assert key(fast) != key(fa3._descriptor(t, fa3.BLOCK_N))  # another box
+    assert key(fast) != key(fa3._descriptor(t[:, :, :200], fa3.BLOCK_M))  # another shape
     assert {n: v for n, v in vars(fast).items() if n != "base"} == {n: v for n, v in vars(checked).items() if n != "base"}
 
 

@@ -237,9 +237,9 @@ def _argument_key(arg: object) -> object:
     A tensor's dtype and whether its address is a multiple of 16; an int's
     exact value (triton specialises on 1 and on multiples of 16, and picks
     32 or 64 bits by size); a bool's value; a float's type only (triton does
-    not specialise floats). A TMA descriptor: everything but its base, and
-    its base's dtype. Anything else raises ``TypeError``: it is launched
-    through triton's own path.
+    not specialise floats). A TMA descriptor: every field but its base (lists
+    as tuples), and its base's dtype. Anything else raises ``TypeError``: it
+    is launched through triton's own path.
     """
     kind = type(arg)
     if isinstance(arg, torch.Tensor):
@@ -249,8 +249,8 @@ def _argument_key(arg: object) -> object:
     if kind is float:
         return float
     if kind.__name__ == "TensorDescriptor":  # triton's or Gluon's: the launcher encodes it from these fields
-        return (kind, arg.base.dtype, tuple(arg.shape), tuple(arg.strides), tuple(arg.block_shape), arg.layout,
-                getattr(arg, "padding", None))
+        return (kind, arg.base.dtype, *((name, tuple(value) if isinstance(value, list) else value)
+                                         for name, value in sorted(vars(arg).items()) if name != "base"))
     raise TypeError(f"no launch key for {kind.__name__}")
 
 
