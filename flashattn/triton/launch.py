@@ -59,6 +59,7 @@ def with_launches(configs: KernelConfigs, fwd: object = None, dkdv: object = Non
 
 
 _replaced: dict[tuple, KernelConfigs] = {}
+
 _Launch = tuple[int, int, int, int]  # (block_q, block_k, num_warps, num_stages)
 
 
