@@ -14,8 +14,20 @@ run and timed the same way:
   ``g`` queries of that head, ``(b, h_kv, g, d)``, so that SDPA reads each
   K/V head once without ``enable_gqa``; the best input SDPA can be given;
 - ``triton``: ``flashattn.triton_attention`` (FlashAttention-2's grid);
-- ``flex``: ``torch.compile(flex_attention)`` with ``enable_gqa``, a block
-  mask for the causal rule when i > 1.
+- ``flex``: ``torch.compile(flex_attention, dynamic=False)`` with
+  ``enable_gqa``, a block mask for the causal rule when i > 1. Compiled for
+  each shape: with shapes left dynamic, inductor cannot size the chunks of its
+  decoding kernel and falls back to its long-query kernel. Which of the two
+  ran is read from the generated code and recorded (``flex_kernel``).
+
+``--ragged``: one query per sequence against caches of different lengths,
+as a server decodes a batch: b = 8 sequences of 1k, 2k, ..., 128k tokens in
+a cache of 128k slots, h = 32, h_kv = 8. What a user would otherwise call:
+SDPA with a key-padding mask (``sdpa_mask``, PyTorch choosing; and held to
+its memory-efficient and cuDNN backends), and FlexAttention with a length
+mask, compiled (``flex``). Bandwidth counts the bytes of the keys each
+sequence holds (``2 h_kv d`` bf16 numbers per token); every provider's
+output is checked against float64 per sequence.
 
 Decoding runs one small step at a time, and serving systems replay it from
 CUDA graphs; every provider is timed so (``triton.testing.do_bench_cudagraph``
@@ -32,6 +44,7 @@ most twice SDPA's own.
 
     python benchmarks/bench_decode.py --out flashattn/results/decode-h200.json
     python benchmarks/bench_decode.py --tune --out flashattn/results/decode-tune-h200.json
+    python benchmarks/bench_decode.py --ragged --out flashattn/results/decode-ragged-h200.json
     python benchmarks/bench_decode.py --quick           # a few points, without flex
 """
 
@@ -40,6 +53,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import re
 import time
 from typing import Callable
 
@@ -47,14 +61,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
+from torch._inductor.utils import run_and_get_code
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from triton.testing import do_bench
 
 import flashattn.triton.decoding as decoding
-from flashattn import decode_attention, triton_attention
+from flashattn import decode_attention, padding_mask, triton_attention
 from accuracy import plain_attention
 from runinfo import run_info
-from timing import ROUNDS, compare
+from timing import ROUNDS, compare, differs, ratio
 
 DEVICE = torch.device("cuda")
 DTYPE = torch.bfloat16
@@ -62,8 +77,15 @@ H, D = 32, 128
 BACKENDS = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
             "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION}
 PROVIDERS = ["decode", "sdpa_gqa", *BACKENDS, "sdpa_packed", "triton", "flex"]
-FLEX = torch.compile(flex_attention)
+MASK_BACKENDS = {"sdpa_mask_efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa_mask_cudnn": SDPBackend.CUDNN_ATTENTION}
+RAGGED_B, RAGGED_J, RAGGED_SHORTEST = 8, 131072, 1024
 GiB = 2**30
+
+
+@functools.cache
+def compiled_flex() -> Callable:
+    """flex_attention compiled once per shape: its decoding kernel needs a static batch and static heads."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def copy_bandwidth(rep: int) -> float:
@@ -109,7 +131,117 @@ def attention(provider: str, i: int, j: int, h_kv: int) -> Callable | None:
         offset = j - i
         block_mask = create_block_mask(lambda b, h, q_idx, kv_idx: kv_idx <= q_idx + offset, None, None, i, j,
                                        device=DEVICE)
-    return lambda q, k, v: FLEX(q, k, v, block_mask=block_mask, enable_gqa=True)
+    return lambda q, k, v: compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def flex_kernel(sources: list[str]) -> str:
+    """Which of inductor's FlexAttention templates the generated code ``sources`` launches.
+
+    ``flex_decoding`` (the split-KV decoding kernel) has a ``SPLIT_KV``
+    parameter that the long-query kernel ``flex_attention`` lacks; both
+    carry the templates' ``Q, K, V`` notation comment.
+    """
+    code = "\n".join(sources)
+    if "SPLIT_KV" in code:
+        return "flex_decoding"
+    if "GQA_SHARED_HEADS" in code:
+        return "flex_attention"
+    return "not a FlexAttention template (" + (", ".join(sorted(set(re.findall(r"def (triton_\w+)", code)))) or "no kernel") + ")"
+
+
+def first_call_kernel(fn: Callable, *args) -> tuple[torch.Tensor, str]:
+    """Call the compiled FlexAttention ``fn`` (compiling it afresh) and say which template it runs."""
+    out, sources = run_and_get_code(fn, *args)
+    return out, flex_kernel(sources)
+
+
+def ragged_lengths(b: int, shortest: int, longest: int) -> list[int]:
+    """``b`` cache lengths spread evenly in log from ``shortest`` to ``longest`` (1k, 2k, ..., 128k for b = 8)."""
+    return [round(shortest * (longest / shortest) ** (n / (b - 1))) for n in range(b)]
+
+
+def ragged_providers(lens: torch.Tensor, j: int, flex: Callable | None = None) -> dict[str, Callable]:
+    """``fn(q, k, v) -> o`` for each way of attending caches of lengths ``lens`` ``(b,)`` in ``j`` slots, one query each.
+
+    ``flex`` is the FlexAttention to call (compiled by default; the tests
+    pass the eager one).
+    """
+    flex = compiled_flex() if flex is None else flex
+    keep = padding_mask(lens, j)  # (b, 1, 1, j)
+    block_mask = create_block_mask(lambda n, h, q_idx, kv_idx: kv_idx < lens[n], lens.shape[0], None, 1, j,
+                                   device=lens.device)  # one head: the form flex's decoding kernel takes with GQA
+
+    def sdpa(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+
+    def held_to(backend):
+        def call(q, k, v):
+            with sdpa_kernel([backend]):
+                return sdpa(q, k, v)
+        return call
+
+    return {"decode": lambda q, k, v: decode_attention(q, k, v, cache_lens=lens), "sdpa_mask": sdpa,
+            **{name: held_to(backend) for name, backend in MASK_BACKENDS.items()},
+            "flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
+
+
+def ragged_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int]) -> list[torch.Tensor]:
+    """Float64 attention of each sequence ``n`` over its first ``lens[n]`` keys: one ``(h, i, d)`` tensor per sequence."""
+    return [plain_attention(q[n:n + 1].double(), k[n:n + 1, :, :length].double(), v[n:n + 1, :, :length].double(),
+                            causal=True)[0] for n, length in enumerate(lens)]
+
+
+def ragged_error(o: torch.Tensor, want: list[torch.Tensor]) -> float:
+    """The largest |error| of ``o`` ``(b, h, i, d)`` over every sequence."""
+    return max((o[n].double() - w).abs().max().item() for n, w in enumerate(want))
+
+
+def ragged(args: argparse.Namespace, meta: dict) -> dict:
+    """Every provider of :func:`ragged_providers` on the ragged batch, checked per sequence, timed in one harness."""
+    h_kv = 8
+    lens_list = ragged_lengths(RAGGED_B, RAGGED_SHORTEST, RAGGED_J)
+    lens = torch.tensor(lens_list, device=DEVICE, dtype=torch.int32)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    q, k, v = (torch.randn(RAGGED_B, hh, n, D, device=DEVICE, dtype=DTYPE, generator=gen)
+               for hh, n in ((H, 1), (h_kv, RAGGED_J), (h_kv, RAGGED_J)))
+    want = ragged_reference(q, k, v, lens_list)
+    kv_bytes = 2 * sum(lens_list) * h_kv * D * 2
+    calls, errors, skipped, flex_ran = {}, {}, [], None
+    for name, fn in ragged_providers(lens, RAGGED_J).items():
+        try:
+            if name == "flex":
+                o, flex_ran = first_call_kernel(fn, q, k, v)
+            else:
+                o = fn(q, k, v)
+            torch.cuda.synchronize()
+        except Exception as exc:  # a backend that refuses these inputs
+            skipped.append(dict(provider=name, why=str(exc).splitlines()[0][:300]))
+            continue
+        errors[name] = ragged_error(o, want)
+        calls[name] = functools.partial(fn, q, k, v)
+    graphed = compare(calls, rounds=args.rounds, graph=True, rep_ms=args.rep)
+    eager = compare(calls, rounds=args.rounds, rep_ms=args.rep)
+    rows = [dict(provider=name, **timing.record(), eager=eager[name].record(), eager_ms=eager[name].median,
+                 max_error=errors[name], tb_per_s=kv_bytes / (timing.median * 1e-3) / 1e12)
+            for name, timing in graphed.items()]
+    others = {name: timing.median for name, timing in graphed.items() if name != "decode"}
+    best = min(others, key=others.get)
+    speedup = ratio(graphed[best], graphed["decode"])  # the fastest other's time over decode's
+    sdpa_error = min(e for name, e in errors.items() if name.startswith("sdpa"))
+    failures = ([f"decode error {errors['decode']:.2e} > 2 x SDPA's {sdpa_error:.2e}"]
+                if errors["decode"] > 2 * sdpa_error else [])
+    for row in rows:
+        print(f"{row['provider']:20s} {row['ms'] * 1e3:8.1f} us [{row['ms_min'] * 1e3:.1f}-{row['ms_max'] * 1e3:.1f}] "
+              f"eager {row['eager_ms'] * 1e3:8.1f} us {row['tb_per_s']:5.2f} TB/s err {row['max_error']:.1e}", flush=True)
+    print(f"flex ran {flex_ran}; decode against the fastest other ({best}): {speedup['median']:.2f}x "
+          f"[{speedup['low']:.2f}-{speedup['high']:.2f}]"
+          f"{'' if differs(graphed[best], graphed['decode']) else ', within the spread'}; "
+          f"skipped {[s['provider'] for s in skipped]}", flush=True)
+    return dict(**meta, b=RAGGED_B, h_kv=h_kv, i=1, j=RAGGED_J, cache_lens=lens_list, rows=rows, skipped=skipped,
+                flex_kernel=flex_ran, fastest_other=best, speedup=speedup,
+                speedup_beyond_spread=differs(graphed[best], graphed["decode"]),
+                accuracy_failures=failures, complete=True,
+                bandwidth="bytes of the keys and values the sequences hold (2 h_kv d bf16 per token) / time")
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -156,6 +288,7 @@ def main() -> None:
     parser.add_argument("--out", help="where to write the JSON results")
     parser.add_argument("--quick", action="store_true", help="a few points, without flex")
     parser.add_argument("--tune", action="store_true", help="sweep the chunk kernel's launch instead")
+    parser.add_argument("--ragged", action="store_true", help="one batch of ragged cache lengths instead (b = 8, 1k-128k)")
     parser.add_argument("--rep", type=int, default=50, help="milliseconds of timing per sample")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every provider, interleaved")
     parser.add_argument("--max-kv-gib", type=float, default=64, help="skip shapes whose K and V take more")
@@ -174,6 +307,15 @@ def main() -> None:
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
+        return
+
+    if args.ragged:
+        out = ragged(args, meta)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        for failure in out["accuracy_failures"]:
+            print("ACCURACY:", failure)
         return
 
     if args.quick:
@@ -208,13 +350,16 @@ def main() -> None:
         k, v = cache
         q = torch.randn(b, H, i, D, device=DEVICE, dtype=DTYPE)
         want = reference(q, k, v)
-        errors, calls = {}, {}
+        errors, calls, flex_ran = {}, {}, None
         for provider in providers:
             fn = attention(provider, i, j, h_kv)
             if fn is None:
                 continue
             try:
-                o = fn(q, k, v)
+                if provider == "flex":
+                    o, flex_ran = first_call_kernel(fn, q, k, v)
+                else:
+                    o = fn(q, k, v)
                 torch.cuda.synchronize()
             except Exception as exc:  # a backend that refuses these inputs
                 skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, why=str(exc).splitlines()[0][:300]))
@@ -229,6 +374,8 @@ def main() -> None:
         for provider, timing in graphed.items():
             row = dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, **timing.record(), max_error=errors[provider],
                        tb_per_s=kv_bytes / (timing.median * 1e-3) / 1e12)
+            if provider == "flex":
+                row["flex_kernel"] = flex_ran
             if provider in eager:
                 row["eager"] = eager[provider].record()
                 row["eager_ms"] = eager[provider].median

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,36 @@ def test_the_ring_benchmark_times_every_method_in_interleaved_rounds(tmp_path):
         assert len(samples) == 3 and all(t > 0 for t in samples), row
         assert row["ms"] == sorted(samples)[1] and (row["ms_min"], row["ms_max"]) == (min(samples), max(samples))
     assert record["timing"].startswith("3 rounds, methods interleaved")
+
+
+def test_the_ragged_decoding_providers_attend_each_sequence_to_its_own_length():
+    """bench_decode.py --ragged: each provider that runs on the CPU gives float64's attention over each sequence's keys.
+
+    The cache past a sequence's length holds large values (a provider that
+    read them would be far off); the forced SDPA backends run on the GPU only.
+    """
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_decode
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from torch.nn.attention.flex_attention import flex_attention
+
+    torch = pytest.importorskip("torch")
+    lens_list = bench_decode.ragged_lengths(4, 3, 37)
+    assert lens_list[0] == 3 and lens_list[-1] == 37 and lens_list == sorted(set(lens_list))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(4, hh, n, 16, generator=g) for hh, n in ((4, 1), (2, 40), (2, 40)))
+    k[:, :, 37:], v[:, :, 37:] = 1e4, 1e4  # slots no sequence holds
+    for n, length in enumerate(lens_list):
+        k[n, :, length:], v[n, :, length:] = 1e4 * (n + 1), -1e4
+    lens = torch.tensor(lens_list)
+    want = bench_decode.ragged_reference(q, k, v, lens_list)
+    providers = bench_decode.ragged_providers(lens, 40, flex=flex_attention)
+    assert set(providers) == {"decode", "sdpa_mask", *bench_decode.MASK_BACKENDS, "flex"}
+    for name in ("decode", "sdpa_mask", "flex"):
+        with warnings.catch_warnings():  # flex_attention run eagerly says that it is slow so
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+            o = providers[name](q, k, v)
+        error = bench_decode.ragged_error(o, want)
+        assert error < 1e-5, f"{name}: {error}"  # float32 inputs: a few ulps of values of order 1
