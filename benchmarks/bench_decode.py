@@ -45,6 +45,7 @@ most twice SDPA's own.
     python benchmarks/bench_decode.py --out flashattn/results/decode-h200.json
     python benchmarks/bench_decode.py --tune --out flashattn/results/decode-tune-h200.json
     python benchmarks/bench_decode.py --ragged --out flashattn/results/decode-ragged-h200.json
+    python benchmarks/bench_decode.py --batch 1 8 --out decode-b1-b8.json   # a part of the grid
     python benchmarks/bench_decode.py --quick           # a few points, without flex
 """
 
@@ -291,12 +292,14 @@ def main() -> None:
     parser.add_argument("--ragged", action="store_true", help="one batch of ragged cache lengths instead (b = 8, 1k-128k)")
     parser.add_argument("--rep", type=int, default=50, help="milliseconds of timing per sample")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every provider, interleaved")
+    parser.add_argument("--batch", type=int, nargs="+", help="only these batch sizes of the grid (a run in parts: "
+                        "FlexAttention compiles for every shape)")
     parser.add_argument("--max-kv-gib", type=float, default=64, help="skip shapes whose K and V take more")
     args = parser.parse_args()
     start = time.perf_counter()
     copy = copy_bandwidth(args.rep)
     print(f"copy bandwidth {copy / 1e12:.2f} TB/s (read + write)", flush=True)
-    meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep)
+    meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep, batch=args.batch)
     meta.update(copy_tb_per_s=copy / 1e12,
                 timing=(f"benchmarks/timing.py: {args.rounds} rounds, providers interleaved; each sample "
                         f"do_bench_cudagraph's median over {args.rep} ms (eager: do_bench's); ms is the median "
@@ -325,6 +328,8 @@ def main() -> None:
         grid = [(b, h_kv, i, j) for h_kv in (8, 32) for b in (1, 8, 32) for j in (4096, 8192, 16384, 32768, 65536, 131072)
                 for i in (1, 4)]
         providers = PROVIDERS
+    if args.batch:
+        grid = [point for point in grid if point[0] in args.batch]
     torch._dynamo.config.cache_size_limit = 256  # flex compiles for each shape
     rows, skipped, failures = [], [], []
 
