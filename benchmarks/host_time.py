@@ -19,8 +19,13 @@ of every round, with the interquartile range; the ratio is package / direct.
 
     python benchmarks/host_time.py --out host-time.json [--profile]
 
-``--profile`` adds, per package call, the functions with the largest own
-time under ``cProfile`` (where the host time goes).
+``--profile`` adds, for each provider, where the host time goes: the
+functions with the largest own time under ``cProfile``, and the PyTorch ops
+and CUDA runtime calls of one call with their host time (``torch.profiler``,
+CPU side), with the number of kernel launches per call. Both profile only a
+few calls (``--profile-calls``) behind the queue: a few hundred launches
+fill CUDA's launch queue, after which every launch waits for a free slot and
+the profile shows that wait instead of the launch work.
 """
 
 from __future__ import annotations
@@ -124,6 +129,37 @@ def host_times(providers: dict[str, Callable[[], object]], rounds: int, calls: i
     return out
 
 
+# the CUDA runtime and driver calls that launch a kernel (PyTorch's ops, Triton's launcher, cuDNN)
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+
+
+def trace(fn: Callable[[], object], calls: int, queue: Callable[[], None], activities=None, top: int = 25) -> dict:
+    """Per call of ``fn`` behind ``queue``: host time of each PyTorch op and runtime call, and kernel launches.
+
+    ``activities`` defaults to the CPU and CUDA (the CUDA runtime calls
+    are recorded on the CPU side); the ``top`` entries by own host time are
+    kept, in microseconds per call of ``fn``.
+    """
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    if activities is None:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    queue()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or e.key in LAUNCH_CALLS]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    ops = [dict(name=e.key, per_call=e.count / calls, self_us=e.self_cpu_time_total / calls,
+                total_us=e.cpu_time_total / calls) for e in events[:top]]
+    launches = sum(e.count for e in prof.key_averages() if e.key in LAUNCH_CALLS) / calls
+    return dict(calls=calls, launches_per_call=launches, ops=ops)
+
+
 def profile(fn: Callable[[], object], calls: int, queue: Callable[[], None], top: int = 25) -> str:
     """The ``top`` functions by own time over ``calls`` calls of ``fn`` behind a busy GPU."""
     torch.cuda.synchronize()
@@ -155,7 +191,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--calls", type=int, default=10, help="calls of each provider per round")
     parser.add_argument("--queue-ms", type=float, default=200.0, help="GPU work queued ahead of each round")
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", action="store_true", help="where each provider's host time goes")
+    parser.add_argument("--profile-calls", type=int, default=20, help="calls profiled behind one queue")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("host_time.py measures eager calls on a GPU; no CUDA device is available here")
@@ -174,7 +211,8 @@ def main() -> None:
         row["package_waits_for_gpu"] = waits_for_gpu(providers["package"], queue)
         row["direct_waits_for_gpu"] = waits_for_gpu(providers["direct"], queue)
         if args.profile:
-            row["profile"] = profile(providers["package"], 200, queue)
+            row["profile"] = profile(providers["package"], args.profile_calls, queue)
+            row["trace"] = {who: trace(fn, args.profile_calls, queue) for who, fn in providers.items()}
         result["cases"][name] = row
         print(f"{name:28s} package {row['package']['median_us']:7.1f} us "
               f"[{row['package']['q1_us']:.1f}-{row['package']['q3_us']:.1f}]  direct {row['direct']['median_us']:7.1f} us "
@@ -183,6 +221,11 @@ def main() -> None:
               f"direct {row['direct_waits_for_gpu']}; queue outlived the calls: {not row['waited']}", flush=True)
         if args.profile:
             print(row["profile"], flush=True)
+            for who, found in row["trace"].items():
+                print(f"  {who}: {found['launches_per_call']:.1f} launches per call", flush=True)
+                for op in found["ops"]:
+                    print(f"    {op['self_us']:8.1f} us own {op['total_us']:8.1f} us with callees "
+                          f"{op['per_call']:5.1f}x  {op['name']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -45,6 +45,26 @@ def test_host_time_says_it_needs_a_gpu(tmp_path):
     assert "host_time.py measures eager calls on a GPU; no CUDA device is available here" in run.stderr
 
 
+def test_host_time_traces_the_ops_of_one_call():
+    """host_time.py --profile's trace: every PyTorch op of a call, counted and timed per call (here on the CPU)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import host_time
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    queued = []
+    found = host_time.trace(lambda: (torch.add(a, b), torch.mm(a, b), torch.mm(b, a)), 4, lambda: queued.append(1),
+                            activities=[ProfilerActivity.CPU])
+    ops = {op["name"]: op for op in found["ops"]}
+    assert queued == [1] and found["calls"] == 4 and found["launches_per_call"] == 0  # no GPU: no launch
+    assert ops["aten::mm"]["per_call"] == 2 and ops["aten::add"]["per_call"] == 1
+    assert 0 < ops["aten::mm"]["self_us"] <= ops["aten::mm"]["total_us"]
+
+
 def test_the_ring_benchmark_times_every_method_in_interleaved_rounds(tmp_path):
     """bench_ring.py's smoke run (2 processes, gloo, CPU): every method at every length gets one sample per round."""
     out = tmp_path / "ring.json"
