@@ -322,8 +322,9 @@ class FlashAttention(nn.Module):
         # SDPA needs a plain bool; under torch.compile(dynamic=True) the comparison is symbolic, and
         # branching on it is what makes the compiler settle it (and guard on it)
         gqa = True if x.group > 1 else False  # noqa: SIM210
+        q_call = q[:, :, call.skip :] if call.skip else q  # a view costs host time: made only when rows are skipped
         o = F.scaled_dot_product_attention(
-            q[:, :, call.skip :], x.k, x.v, attn_mask=call.attn_mask, dropout_p=self._dropout_p(),
+            q_call, x.k, x.v, attn_mask=call.attn_mask, dropout_p=self._dropout_p(),
             is_causal=call.is_causal, scale=scale, enable_gqa=gqa,
         )  # (b, h, i - skip, d_v)
         if call.skip:
