@@ -11,6 +11,7 @@ must stay within twice that of PyTorch's own attention in the same dtype.
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from pathlib import Path
 
@@ -197,6 +198,25 @@ def test_hopper_path_and_pointer_path_agree(d, causal):
     for name in pytorch:
         bound = max(2 * pytorch[name], RATIO_FLOOR[torch.bfloat16])
         assert hopper_errs[name] <= bound and pointer_errs[name] <= bound, (name, hopper_errs, pointer_errs, pytorch)
+
+
+def test_pytorchs_allocator_is_given_to_triton_unless_the_program_set_one(monkeypatch):
+    """The TMA workspace comes from PyTorch's allocator; a program's own allocator is kept; a triton that keeps
+    its allocator where the package does not look still gets one (else a TMA launch would fail)."""
+    import triton
+    from triton.runtime import _allocation
+
+    given = []
+    monkeypatch.setattr(triton, "set_allocator", given.append)
+    monkeypatch.setattr(_allocation, "_allocator", contextvars.ContextVar("a", default=_allocation.NullAllocator()))
+    hopper.use_torch_allocator()
+    assert given == [hopper._workspace]
+    monkeypatch.setattr(_allocation, "_allocator", contextvars.ContextVar("a", default=lambda *a: None))
+    hopper.use_torch_allocator()
+    assert given == [hopper._workspace]  # the program's own: not replaced
+    monkeypatch.delattr(_allocation, "_allocator")
+    hopper.use_torch_allocator()
+    assert given == [hopper._workspace, hopper._workspace]
 
 
 @pytest.mark.parametrize("alignment", [16, 128, 256])

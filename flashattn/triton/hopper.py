@@ -127,11 +127,21 @@ def _workspace(size: int, alignment: int, stream: int | None) -> Tensor:
 
 
 def use_torch_allocator() -> None:
-    """Give Triton PyTorch's allocator for the descriptors' workspace, unless the program has set one of its own."""
-    import triton
-    from triton.runtime import _allocation
+    """Give Triton PyTorch's allocator for the descriptors' workspace, unless the program has set one of its own.
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+    Whether one is set is read from triton's private state (triton has no
+    public getter); where a triton keeps it elsewhere, PyTorch's is set: a
+    launch without an allocator fails, one with another allocator works.
+    """
+    import triton
+
+    try:
+        from triton.runtime import _allocation
+
+        unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+    except (ImportError, AttributeError):
+        unset = True
+    if unset:
         triton.set_allocator(_workspace)
 
 
