@@ -23,9 +23,10 @@ run and timed the same way:
 ``--ragged``: one query per sequence against caches of different lengths,
 as a server decodes a batch: b = 8 sequences of 1k, 2k, ..., 128k tokens in
 a cache of 128k slots, h = 32, h_kv = 8. What a user would otherwise call:
-SDPA with a key-padding mask (``sdpa_mask``, PyTorch choosing; and held to
-its memory-efficient and cuDNN backends), and FlexAttention with a length
-mask, compiled (``flex``). Bandwidth counts the bytes of the keys each
+SDPA with a key-padding mask (``sdpa_mask``, PyTorch choosing; held to its
+memory-efficient and cuDNN backends; and ``sdpa_mask_packed``, the query
+heads of each K/V head passed as its queries, as ``sdpa_packed`` above), and
+FlexAttention with a length mask, compiled (``flex``). Bandwidth counts the bytes of the keys each
 sequence holds (``2 h_kv d`` bf16 numbers per token); every provider's
 output is checked against float64 per sequence.
 
@@ -181,8 +182,13 @@ def ragged_providers(lens: torch.Tensor, j: int, flex: Callable | None = None) -
                 return sdpa(q, k, v)
         return call
 
+    def packed(q, k, v):  # the g query heads of a K/V head as g queries of it: SDPA reads each K/V head once
+        b, h, _, d = q.shape
+        o = F.scaled_dot_product_attention(q.view(b, k.shape[1], h // k.shape[1], d), k, v, attn_mask=keep)
+        return o.view(b, h, 1, v.shape[-1])
+
     return {"decode": lambda q, k, v: decode_attention(q, k, v, cache_lens=lens), "sdpa_mask": sdpa,
-            **{name: held_to(backend) for name, backend in MASK_BACKENDS.items()},
+            **{name: held_to(backend) for name, backend in MASK_BACKENDS.items()}, "sdpa_mask_packed": packed,
             "flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=True)}
 
 

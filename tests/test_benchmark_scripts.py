@@ -102,15 +102,15 @@ def test_the_ragged_decoding_providers_attend_each_sequence_to_its_own_length():
     lens_list = bench_decode.ragged_lengths(4, 3, 37)
     assert lens_list[0] == 3 and lens_list[-1] == 37 and lens_list == sorted(set(lens_list))
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(4, hh, n, 16, generator=g) for hh, n in ((4, 1), (2, 40), (2, 40)))
+    q, k, v = (torch.randn(4, hh, n, 16, generator=g) for hh, n in ((6, 1), (2, 40), (2, 40)))  # groups of 3
     k[:, :, 37:], v[:, :, 37:] = 1e4, 1e4  # slots no sequence holds
     for n, length in enumerate(lens_list):
         k[n, :, length:], v[n, :, length:] = 1e4 * (n + 1), -1e4
     lens = torch.tensor(lens_list)
     want = bench_decode.ragged_reference(q, k, v, lens_list)
     providers = bench_decode.ragged_providers(lens, 40, flex=flex_attention)
-    assert set(providers) == {"decode", "sdpa_mask", *bench_decode.MASK_BACKENDS, "flex"}
-    for name in ("decode", "sdpa_mask", "flex"):
+    assert set(providers) == {"decode", "sdpa_mask", *bench_decode.MASK_BACKENDS, "sdpa_mask_packed", "flex"}
+    for name in ("decode", "sdpa_mask", "sdpa_mask_packed", "flex"):
         with warnings.catch_warnings():  # flex_attention run eagerly says that it is slow so
             warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
             o = providers[name](q, k, v)
