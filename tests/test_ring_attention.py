@@ -5,22 +5,27 @@ draws the same full q, k, v and output gradient in float64, computes
 FlashAttention and its gradients on the whole sequence, and compares its
 own shard of them with what ring_attention gives it from its shards alone:
 causal and not, both layouts, grouped-query heads (h = 4, h_kv = 2),
-d != d_v, 3-D k/v, a chosen scale; a sub-group of two of four processes
-(whose ring must address its peers by their global ranks); a group of one
-process. The errors travel back to the pytest process, which asserts.
+d != d_v, 3-D k/v, a chosen scale, chunks of one row; a sub-group of two
+of four processes (whose ring must address its peers by their global ranks;
+the other two are told they are not members); a group of one process. Each
+also checks that its k and v shards come back unchanged (the ring receives
+into buffers of its own). The errors travel back to the pytest process,
+which asserts.
 
 In the pytest process: the single-process path (no process group), the
 round trip between a tensor and its shards and the errors for what a layout
 cannot cut, and the block rule (``block_pieces``): over a whole ring every
-pair that the causal rule shows is computed exactly once, and with the
-zigzag layout every rank computes as many score entries as every other.
+pair that the causal rule shows is computed exactly once (for the layouts'
+chunk lists and for others), and with the zigzag layout every rank computes
+as many score entries as every other, in one piece per step.
 
 Without a GPU every block runs the tiled PyTorch code; the kernels of the
 CUDA path are checked here only for their calls (on meta tensors) and, for
-the Triton kernels, in Triton's interpreter. With GPUs, the same rings run
-over NCCL (float64, so on the tiled code: it tests the transfers between
-GPUs), and each block kernel of the CUDA path is compared on one GPU, in
-bfloat16, with the tiled code in float32.
+the Triton kernels, in Triton's interpreter; the choice among them
+(``pick_block_kernel``), with SDPA's answer and the GPU's capability given.
+With GPUs, the same rings run over NCCL (float64, so on the tiled code: it
+tests the transfers between GPUs), and each block kernel of the CUDA path is
+compared on one GPU, in bfloat16, with the tiled code in float32.
 """
 
 from __future__ import annotations
@@ -34,7 +39,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from flashattn import FlashAttention, ring_attention, shard_sequence, unshard_sequence
-from flashattn.ring import block_backward, block_forward, block_pieces, shard_chunks, shard_positions
+from flashattn.ring import (
+    block_backward, block_forward, block_pieces, pick_block_kernel, shard_chunks, shard_positions,
+)
 from reference import reference_attention
 
 # float64 against float64: both sides sum the same few dozen terms in a different order (the ring
@@ -84,6 +91,8 @@ def shard_errors(full, rank, world, *, causal, layout, scale=None, group=None):
     os_.backward(shard(do))
     assert os_.dtype == q.dtype and qs.grad.dtype == q.dtype
     return {
+        # the ring receives into buffers of its own, never into the caller's shards (exactly 0)
+        "k, v kept": max(rel_error(t.detach().double(), shard(t0, dim).double()) for t, t0 in ((ks, k), (vs, v))),
         "o": rel_error(os_.double(), shard(o)),
         "dq": rel_error(qs.grad.double(), shard(qf.grad)),
         "dk": rel_error(ks.grad.double(), shard(kf.grad, dim)),
@@ -113,6 +122,9 @@ def _child(rank: int, world: int, store_file: str, queue, backend: str) -> None:
             errors[f"zigzag causal {dtype}"] = shard_errors(
                 [t.to(dtype) for t in gqa], rank, world, causal=True, layout="zigzag", scale=-0.4
             )
+        # chunks of one row: the late query chunk of a zigzag shard is then its row 1 to its end
+        one_row = [t.to(device) for t in full_problem(b, h, h_kv, 2 * world, d, d_v, seed=2)]
+        errors["zigzag causal, chunks of one row"] = shard_errors(one_row, rank, world, causal=True, layout="zigzag")
         kv_3d = [t.to(device) for t in full_problem(b, h, h_kv, n, d, d_v, kv_3d=True, seed=1)]
         errors["zigzag causal 3-D k/v scale=0.3"] = shard_errors(
             kv_3d, rank, world, causal=True, layout="zigzag", scale=0.3
@@ -129,6 +141,9 @@ def _child(rank: int, world: int, store_file: str, queue, backend: str) -> None:
                 errors["sub-group [1, 3] zigzag causal"] = shard_errors(
                     gqa, dist.get_rank(pair), 2, causal=True, layout="zigzag", group=pair
                 )
+            else:  # told so at once, rather than failing in the ring's shard maths for rank -1 of -1
+                with pytest.raises(ValueError, match="not a member of group"):
+                    ring_attention(*gqa[:3], causal=True, group=pair)
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -203,6 +218,12 @@ def test_without_a_process_group_it_is_attention(layout, causal, dtype):
         assert rel_error(got.double(), want) < REL[dtype]
 
 
+def test_ring_attention_is_not_causal_by_default():
+    q, k, v, _ = full_problem(1, 4, 2, 10, 8, 6, seed=2)
+    o = ring_attention(q, k, v)
+    assert rel_error(o, reference_attention(q, k, v, causal=False)) < FLOAT64_REL
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("dim", [2, 0, -1])
@@ -252,6 +273,13 @@ def test_lengths_and_layouts_that_do_not_fit_raise():
         ring_attention(q[:, :, :5], q[:, :, :5], q[:, :, :5], layout="zigzag")
 
 
+@pytest.mark.parametrize("rank, world_size", [(True, 2), (0, True), (1.0, 2), (0, 2.0)])
+def test_a_rank_or_world_size_that_is_not_an_int_raises(rank, world_size):
+    # a bool is an int to isinstance, but True as a rank is a bug of the caller's
+    with pytest.raises(TypeError, match=r"(rank|world_size) must be an int"):
+        shard_chunks(rank, world_size, "zigzag")
+
+
 def _pairs_computed(rank, world, layout, chunk, causal):
     """The (global query, global key) pairs that rank's pieces compute over the whole ring, and their count."""
     q_pos = shard_positions(rank, world, 2 * world * chunk, layout=layout)
@@ -289,12 +317,89 @@ def test_block_pieces_compute_each_visible_pair_once(world, layout, causal):
         assert work == sorted(work) and work[-1] > work[0], work
 
 
+@pytest.mark.parametrize(
+    "q_chunks, k_chunks, n_pieces",
+    # the query chunks see 0, 2, 2 key chunks; 1, 2, 2; 2, 3, 3: one piece per distinct non-empty prefix
+    [([0, 5, 6], [1, 2, 7], 1), ([1, 3, 4], [0, 2, 5], 2), ([2, 6, 7], [0, 1, 3], 2)],
+)
+def test_block_pieces_of_any_disjoint_chunk_lists_compute_each_visible_pair_once(q_chunks, k_chunks, n_pieces):
+    """Beyond the two layouts: three chunks a shard, so that a joined piece can start past row 0."""
+    chunk = 2
+    q_pos, k_pos = (torch.cat([torch.arange(c * chunk, (c + 1) * chunk) for c in cs]) for cs in (q_chunks, k_chunks))
+    visible = (k_pos[None, :] <= q_pos[:, None]).to(torch.int64)
+    computed = torch.zeros_like(visible)
+    pieces = block_pieces(q_chunks, k_chunks, chunk, True)
+    assert len(pieces) == n_pieces, pieces
+    for rows, cols, piece_causal in pieces:
+        assert not piece_causal  # disjoint chunks: each chunk pair is wholly shown or wholly hidden
+        computed[rows, cols] += 1
+    assert torch.equal(computed, visible)
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_zigzag_attends_one_piece_per_step_in_the_documented_shape(world):
+    """One kernel call per step: ``block_pieces`` joins the query chunks that see the same keys."""
+    c = 3
+    for rank in range(world):
+        for src in range(world):
+            pieces = block_pieces(shard_chunks(rank, world, "zigzag"), shard_chunks(src, world, "zigzag"), c, True)
+            if src < rank:  # every query sees the early key chunk only
+                want = (slice(0, 2 * c), slice(0, c), False)
+            elif src > rank:  # only the late query chunk sees keys, and it sees both chunks
+                want = (slice(c, 2 * c), slice(0, 2 * c), False)
+            else:
+                want = (slice(0, 2 * c), slice(0, 2 * c), True)
+            assert pieces == [want], (rank, src)
+
+
 def test_an_unknown_block_kernel_is_named():
     q = torch.zeros(1, 2, 4, 8)
     with pytest.raises(ValueError, match=r"kernel must be one of \('cudnn', 'flash', 'triton', 'tiled'\), got 'cuda'"):
         block_forward(q, q, q, False, 0.3, "cuda")
     with pytest.raises(ValueError, match="got 'cuda'"):
         block_backward(q, q, q, q, q, q[..., 0], False, 0.3, "cuda")
+
+
+@pytest.mark.parametrize(
+    "sdpa_choice, d, d_v, capability, want",
+    [
+        ("CUDNN_ATTENTION", 64, 64, (9, 0), "cudnn"),
+        ("FLASH_ATTENTION", 64, 64, (9, 0), "flash"),
+        # SDPA pads head dimensions to a multiple of 8 before its fused kernels; called unpadded, they are not used
+        ("CUDNN_ATTENTION", 60, 64, (9, 0), "triton"),
+        ("FLASH_ATTENTION", 64, 60, (9, 0), "triton"),
+        ("EFFICIENT_ATTENTION", 64, 64, (8, 0), "triton"),
+        ("MATH", 64, 64, (7, 5), "tiled"),  # no Triton launch below compute capability 8.0
+        ("MATH", 320, 320, (9, 0), "tiled"),  # nor for head dimensions above 256
+    ],
+)
+def test_block_kernel_on_cuda_is_sdpas_choice_else_triton_else_tiled(
+    monkeypatch, sdpa_choice, d, d_v, capability, want
+):
+    """``pick_block_kernel`` on a GPU, without one: SDPA's answer and the device's capability are given."""
+    from types import SimpleNamespace
+
+    from torch.nn.attention import SDPBackend
+
+    pytest.importorskip("triton")
+    asked = []
+
+    def fused_sdp_choice(q, k, v, mask, dropout_p, causal, scale, enable_gqa):
+        asked.append((mask, dropout_p, causal, scale, enable_gqa))
+        return getattr(SDPBackend, sdpa_choice).value
+
+    monkeypatch.setattr(torch.ops.aten, "_fused_sdp_choice", fused_sdp_choice)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+
+    def on_gpu(*shape):  # what pick_block_kernel reads of a tensor
+        return SimpleNamespace(shape=torch.Size(shape), dtype=torch.bfloat16, device=torch.device("cuda", 0))
+
+    n = 300  # a head dimension read from the sequence axis would not fit the Triton kernels
+    q = on_gpu(2, 8, n, d)
+    for h_kv in (4, 8):  # grouped heads and not
+        assert pick_block_kernel(q, on_gpu(2, h_kv, n, d), on_gpu(2, h_kv, n, d_v), True, -0.3) == want
+    # what SDPA itself asks for these inputs: no mask, no dropout, the grouped heads named
+    assert asked == [(None, 0.0, True, -0.3, True), (None, 0.0, True, -0.3, False)]
 
 
 @pytest.mark.parametrize("kernel", ["cudnn", "flash"])
@@ -312,6 +417,26 @@ def test_fused_kernel_calls_on_meta_tensors(kernel, causal, i, j):
     dq, dk, dv = block_backward(meta(b, h, i, d), q, k, v, o, lse, causal, 0.25, kernel)
     assert [t.shape for t in (dq, dk, dv)] == [q.shape, k.shape, v.shape]
     assert {t.dtype for t in (dq, dk, dv)} == {torch.bfloat16}
+
+
+def test_cudnn_backward_takes_the_log_sum_exp_in_the_shape_its_forward_returns(monkeypatch):
+    """PyTorch's versions differ in that shape, ``(b, h, i)`` or ``(b, h, i, 1)``; the meta kernels say which."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta", dtype=torch.bfloat16)
+
+    q, k, v, do = meta(2, 4, 8, 16), meta(2, 2, 8, 16), meta(2, 2, 8, 16), meta(2, 4, 8, 16)
+    forward_lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q, q, q, None, True, is_causal=True)[1]
+    cudnn_backward = torch.ops.aten._scaled_dot_product_cudnn_attention_backward
+    taken = []
+
+    def backward(**kwargs):
+        taken.append(tuple(kwargs["logsumexp"].shape))
+        return cudnn_backward(**kwargs)
+
+    monkeypatch.setattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward", backward)
+    o, lse = block_forward(q, k, v, True, 0.25, "cudnn")
+    block_backward(do, q, k, v, o, lse, True, 0.25, "cudnn")
+    assert taken == [tuple(forward_lse.shape)]
 
 
 @pytest.mark.parametrize("scale", [0.3, -0.3])
