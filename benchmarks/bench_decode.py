@@ -300,12 +300,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="samples of every provider, interleaved")
     parser.add_argument("--batch", type=int, nargs="+", help="only these batch sizes of the grid (a run in parts: "
                         "FlexAttention compiles for every shape)")
+    parser.add_argument("--h-kv", type=int, nargs="+", help="only these numbers of K/V heads of the grid")
+    parser.add_argument("--queries", type=int, nargs="+", help="only these numbers of new queries i of the grid")
+    parser.add_argument("--lengths", type=int, nargs="+", help="only these cache lengths j of the grid")
     parser.add_argument("--max-kv-gib", type=float, default=64, help="skip shapes whose K and V take more")
     args = parser.parse_args()
     start = time.perf_counter()
     copy = copy_bandwidth(args.rep)
     print(f"copy bandwidth {copy / 1e12:.2f} TB/s (read + write)", flush=True)
-    meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep, batch=args.batch)
+    meta = run_info(h=H, d=D, dtype="bfloat16", quick=args.quick, rep_ms=args.rep, batch=args.batch, h_kv=args.h_kv,
+                    queries=args.queries, lengths=args.lengths)
     meta.update(copy_tb_per_s=copy / 1e12,
                 timing=(f"benchmarks/timing.py: {args.rounds} rounds, providers interleaved; each sample "
                         f"do_bench_cudagraph's median over {args.rep} ms (eager: do_bench's); ms is the median "
@@ -334,8 +338,9 @@ def main() -> None:
         grid = [(b, h_kv, i, j) for h_kv in (8, 32) for b in (1, 8, 32) for j in (4096, 8192, 16384, 32768, 65536, 131072)
                 for i in (1, 4)]
         providers = PROVIDERS
-    if args.batch:
-        grid = [point for point in grid if point[0] in args.batch]
+    for axis, chosen in enumerate((args.batch, args.h_kv, args.queries, args.lengths)):  # (b, h_kv, i, j)
+        if chosen:
+            grid = [point for point in grid if point[axis] in chosen]
     torch._dynamo.config.cache_size_limit = 256  # flex compiles for each shape
     rows, skipped, failures = [], [], []
 
