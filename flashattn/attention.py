@@ -53,21 +53,22 @@ def _as_4d(t: Tensor) -> Tensor:
     return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
-def zero_rows_kernel(o: Tensor):
+def zero_rows_kernel(o: Tensor, reads_mask: bool = False):
     """The kernel that zeroes rows of ``o`` in place (:mod:`flashattn.triton.empty_rows`) where it applies, else None.
 
     It applies to a CUDA ``o`` with a unit last stride, outside
     ``torch.compile``, with triton installed; elsewhere ``masked_fill`` zeroes
-    the rows. Tests replace this function to run the kernel in Triton's
-    interpreter on the CPU.
+    the rows. ``reads_mask``: the kernel that finds the empty rows in the
+    mask itself, rather than the one given a flag per row. Tests replace this
+    function to run the kernels in Triton's interpreter on the CPU.
     """
     if not o.is_cuda or o.stride(-1) != 1 or torch.compiler.is_compiling():
         return None
     try:
-        from .triton.empty_rows import zero_rows_without_key_
+        from .triton.empty_rows import zero_rows_without_key_, zero_rows_without_key_in_mask_
     except ImportError:
         return None
-    return zero_rows_without_key_
+    return zero_rows_without_key_in_mask_ if reads_mask else zero_rows_without_key_
 
 
 class _ZeroRowsWithoutKey(torch.autograd.Function):
@@ -161,6 +162,21 @@ def zero_rows_without_key(o: Tensor, row_has_key: Tensor) -> Tensor:
     return _ZeroRowsWithoutKey.apply(o, row_has_key[..., 0], zero_rows_)
 
 
+def zero_rows_without_key_in(o: Tensor, keep: Tensor) -> Tensor:
+    """``o`` ``(b, h, i, d_v)``, no gradient wanted, with zeros in every row whose ``keep`` row holds no True.
+
+    ``keep`` is the 4-D bool mask the fused kernel was given as it is: what
+    the kernel wrote into a row with no key (NaN, or anything) is overwritten.
+    On a GPU one launch finds the rows and zeroes them; elsewhere ``any``
+    and ``masked_fill`` do.
+    """
+    zero_rows_ = zero_rows_kernel(o, reads_mask=True)
+    if zero_rows_ is None:
+        return o.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+    zero_rows_(o, keep)
+    return o
+
+
 class SdpaMasking(NamedTuple):
     """How one call of ``F.scaled_dot_product_attention`` is told what each query may attend.
 
@@ -169,21 +185,28 @@ class SdpaMasking(NamedTuple):
     top-left). ``skip``: the first query rows, which see no key: left out of
     the call and given zeros. ``row_has_key``: None, or bool
     ``(b or 1, h or 1, i or 1, 1)``, False for the rows that were given
-    every key in the call and must be zeroed after it.
+    every key in the call and must be zeroed after it. ``zero_rows_of``:
+    None, or the 4-D bool mask whose rows with no True must be zeroed after
+    the call (the mask was passed unfilled: no gradient is wanted).
     """
 
     attn_mask: Tensor | CausalBias | None = None
     is_causal: bool = False
     skip: int = 0
     row_has_key: Tensor | None = None
+    zero_rows_of: Tensor | None = None
 
 
 def sdpa_masking(
-    mask: Tensor | None, attn_bias: Tensor | None, causal: bool, i: int, j: int, dtype: torch.dtype, device: torch.device
+    mask: Tensor | None, attn_bias: Tensor | None, causal: bool, i: int, j: int, dtype: torch.dtype, device: torch.device,
+    fill_empty_rows: bool = True,
 ) -> SdpaMasking:
     """The mask, the causal rule and the bias in the form that keeps SDPA's fused kernels eligible.
 
     ``dtype`` is the dtype of ``q``, to which the bias is brought (:func:`bias_in`).
+    ``fill_empty_rows``: give a row with no key every key, so that the
+    kernel's forward and backward stay finite there; without gradients the
+    forward's row is overwritten anyway, and the mask goes as it is.
     """
     if mask is None and attn_bias is None:
         if not causal or i == 1:  # a single query may attend every key
@@ -202,6 +225,9 @@ def sdpa_masking(
     bias = None if attn_bias is None else bias_in(dtype, attn_bias, keep)
     if keep is None:
         return SdpaMasking(attn_mask=_as_4d(bias))
+    if not fill_empty_rows:  # zeroed after the call, by a kernel that reads keep: no pass over the mask before it
+        attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
+        return SdpaMasking(attn_mask=_as_4d(attn_mask), zero_rows_of=_as_4d(keep))
     # A row with no key to attend is given every key, then zeroed: the fused kernels disagree
     # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
     # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
@@ -309,7 +335,11 @@ class FlashAttention(nn.Module):
         x = prepare(q, k, v, scale=self.scale, mask=mask, attn_bias=attn_bias)
         if x.is_empty:
             return self.einsum_attn(q, k, v, mask=mask, attn_bias=attn_bias)  # zeros, or nothing, of the right shape
-        call = sdpa_masking(mask, attn_bias, self.causal, q.shape[2], x.k.shape[2], q.dtype, q.device)
+        wants_grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, x.k, x.v, attn_bias)
+        )
+        call = sdpa_masking(mask, attn_bias, self.causal, q.shape[2], x.k.shape[2], q.dtype, q.device,
+                            fill_empty_rows=wants_grad)
         # PyTorch's causal kernels give NaN for a scale <= 0 (on the CPU they multiply the hidden
         # scores, -inf, by the scale): a negative scale's sign goes into q, exactly (negation does
         # not round, where q * scale would round to q's dtype), and a zero scale zeroes q
@@ -331,4 +361,6 @@ class FlashAttention(nn.Module):
             o = F.pad(o, (0, 0, call.skip, 0))  # (b, h, i, d_v)
         if call.row_has_key is not None:
             o = zero_rows_without_key(o, call.row_has_key)
+        elif call.zero_rows_of is not None:
+            o = zero_rows_without_key_in(o, call.zero_rows_of)
         return o

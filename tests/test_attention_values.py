@@ -153,6 +153,18 @@ def _reference(p: dict, do: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Ten
     return o, (q.grad, k.grad, v.grad)
 
 
+@with_flash_branches((torch.float64, torch.float32))
+@given(p=problems())
+def test_without_gradients_matches_float64_reference(p):
+    """No gradient wanted: the flash path passes the mask unfilled and zeroes the rows with no key after the call."""
+    with torch.no_grad():
+        o = FlashAttention(causal=p["causal"], scale=p["scale"])(p["q"], p["k"], p["v"], mask=p["mask"], attn_bias=p["bias"])
+    o_ref = reference_attention(*(p[n].double() for n in "qkv"), causal=p["causal"], mask=p["mask"],
+                                attn_bias=p["bias"], scale=p["scale"])
+    assert o.dtype == p["q"].dtype
+    torch.testing.assert_close(o.double(), o_ref, **TOLERANCES[p["q"].dtype])
+
+
 @pytest.mark.parametrize("path", ["flash", "einsum"])
 @with_flash_branches((torch.float64, torch.float32))
 @given(p=problems())

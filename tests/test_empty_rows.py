@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton")
 import flashattn.attention as attention_module  # noqa: E402
 from flashattn import FlashAttention  # noqa: E402
 from flashattn.attention import _ZeroRowsWithoutKey  # noqa: E402
-from flashattn.triton.empty_rows import zero_rows_without_key_  # noqa: E402
+from flashattn.triton.empty_rows import zero_rows_without_key_, zero_rows_without_key_in_mask_  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,6 +46,30 @@ def test_the_same_launch_writes_plus_infinity_into_the_empty_rows_lse(flag_shape
     want_o, want_lse = o.masked_fill(~flags[..., None], 0.0), lse.masked_fill(~flags, float("inf"))
     zero_rows_without_key_(o, flags, lse)
     assert torch.equal(o, want_o) and torch.equal(lse, want_lse)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 70, 130), (2, 1, 1, 130), (1, 1, 70, 130), (2, 1, 70, 1), (1, 3, 70, 5)])
+def test_rows_whose_mask_row_holds_no_true_are_zeroed_and_no_other(mask_shape):
+    """The kernel that reads the mask: any axis of it broadcast; j across two tiles of keys, and 1; i across two row tiles."""
+    o = randn(2, 3, 70, 24, seed=1)  # d_v = 24: not a power of two
+    keep = torch.rand(mask_shape, generator=torch.Generator().manual_seed(2)) > 0.97  # a few keys per row
+    rows = keep.view(-1, mask_shape[-1])
+    rows[::3] = False  # every third row empty
+    rows[1::3, -1] = True  # and after each, a row that keeps at least its last key
+    keep = keep.to(DEVICE)
+    empty = ~keep.any(dim=-1, keepdim=True)
+    assert empty.any() and not empty.all()
+    want = o.masked_fill(empty, 0.0)
+    zero_rows_without_key_in_mask_(o, keep)
+    assert torch.equal(o, want)
+
+
+def test_a_mask_seen_through_a_transpose_is_read_by_its_strides():
+    o = randn(2, 3, 9, 16, seed=3)
+    keep = (torch.rand(2, 1, 11, 9, generator=torch.Generator().manual_seed(4)) > 0.8).to(DEVICE).transpose(2, 3)
+    want = o.masked_fill(~keep.any(dim=-1, keepdim=True), 0.0)
+    zero_rows_without_key_in_mask_(o, keep)
+    assert torch.equal(o, want)
 
 
 def test_gradients_through_the_in_place_zeroing():
@@ -100,12 +124,16 @@ def kernel_calls(monkeypatch):
     """
     calls = []
 
-    def kernel_for(o):
+    def kernel_for(o, reads_mask=False):
         def zero_rows_(o, row_has_key, lse=None):
             calls.append(tuple(o.shape))
             zero_rows_without_key_(o, row_has_key, lse)
 
-        return zero_rows_
+        def zero_rows_in_mask_(o, keep):
+            calls.append(("reads the mask", tuple(o.shape)))
+            zero_rows_without_key_in_mask_(o, keep)
+
+        return zero_rows_in_mask_ if reads_mask else zero_rows_
 
     monkeypatch.setattr(attention_module, "zero_rows_kernel", kernel_for)
     return calls
@@ -131,17 +159,26 @@ def test_the_module_zeroes_empty_rows_through_the_kernel(kernel_calls):
 
 
 def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_calls, monkeypatch):
-    """With no gradient asked for, the kernel runs without the autograd function around it, and gives the same output."""
-    applied = []
+    """With no gradient asked for, SDPA gets the mask unfilled, the kernel that reads it zeroes the empty rows
+    without the autograd function around it, and the output is the same."""
+    applied, masks = [], []
     apply = _ZeroRowsWithoutKey.apply
     monkeypatch.setattr(_ZeroRowsWithoutKey, "apply", lambda *args: applied.append(1) or apply(*args))
+    sdpa = F.scaled_dot_product_attention
+
+    def seen_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", seen_sdpa)
     q, k, v = randn(2, 4, 10, 16, seed=13), randn(2, 4, 8, 16, seed=14), randn(2, 4, 8, 16, seed=15)
     mask = (torch.rand(2, 1, 10, 8, generator=torch.Generator().manual_seed(16)) > 0.3).to(DEVICE)
     mask[0, 0, 3] = False  # an empty row
     module = FlashAttention(causal=True)
     with torch.no_grad():
         fast = module(q.requires_grad_(), k, v, mask=mask)
-    assert kernel_calls == [(2, 4, 10, 16)] and applied == []
+    assert kernel_calls == [("reads the mask", (2, 4, 10, 16))] and applied == []
+    assert torch.equal(masks[0], mask & FlashAttention(causal=True).get_mask(10, 8, DEVICE))  # not filled
     assert (fast[0, :, 3] == 0).all() and (fast[:, :, :2] == 0).all()
     tracked = module(q, k, v, mask=mask)  # q requires a gradient: the rows silenced in SDPA's saved log-sum-exp
     assert applied == [] and type(tracked.grad_fn).__name__.startswith("ScaledDotProduct")
@@ -150,6 +187,35 @@ def test_without_gradients_the_module_zeroes_through_the_kernel_alone(kernel_cal
         hooked = module(q, k, v, mask=mask)  # the saved tensors are copies: through the autograd function
     assert applied == [1]
     assert torch.equal(fast, hooked.detach())
+
+
+@pytest.mark.parametrize("needs_grad", ["q", "k", "v", "attn_bias", None])
+def test_empty_rows_reach_sdpa_filled_exactly_when_a_gradient_is_wanted(monkeypatch, needs_grad):
+    """SDPA's backward needs finite rows, so a row with no key is given every key when any input wants a gradient
+    (the bias too); without one the mask goes as it is, and the row is zeroed after the call."""
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+
+    def seen_sdpa(*args, attn_mask=None, **kwargs):
+        masks.append(attn_mask)
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention_module.F, "scaled_dot_product_attention", seen_sdpa)
+    inputs = dict(q=randn(2, 2, 6, 8, seed=20), k=randn(2, 2, 7, 8, seed=21), v=randn(2, 2, 7, 8, seed=22),
+                  attn_bias=randn(2, 1, 6, 7, seed=23))
+    if needs_grad is not None:
+        inputs[needs_grad].requires_grad_()
+    mask = (torch.rand(2, 1, 6, 7, generator=torch.Generator().manual_seed(24)) > 0.3).to(DEVICE)
+    mask[1, 0, 2] = False  # an empty row
+    o = FlashAttention()(inputs["q"], inputs["k"], inputs["v"], mask=mask, attn_bias=inputs["attn_bias"])
+    (attn_mask,) = masks
+    if needs_grad is None:
+        assert torch.equal(attn_mask, torch.where(mask, inputs["attn_bias"], float("-inf")))  # unfilled
+    else:
+        assert torch.isfinite(attn_mask[1, 0, 2]).all()  # filled: every key, with its bias
+        o.sum().backward()
+        assert torch.isfinite(inputs[needs_grad].grad).all()
+    assert (o[1, :, 2] == 0).all()
 
 
 def sdpa_node(o):
