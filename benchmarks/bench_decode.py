@@ -244,11 +244,11 @@ def ragged(args: argparse.Namespace, meta: dict) -> dict:
           f"[{speedup['low']:.2f}-{speedup['high']:.2f}]"
           f"{'' if differs(graphed[best], graphed['decode']) else ', within the spread'}; "
           f"skipped {[s['provider'] for s in skipped]}", flush=True)
-    return dict(**meta, b=RAGGED_B, h_kv=h_kv, i=1, j=RAGGED_J, cache_lens=lens_list, rows=rows, skipped=skipped,
-                flex_kernel=flex_ran, fastest_other=best, speedup=speedup,
-                speedup_beyond_spread=differs(graphed[best], graphed["decode"]),
-                accuracy_failures=failures, complete=True,
-                bandwidth="bytes of the keys and values the sequences hold (2 h_kv d bf16 per token) / time")
+    return {**meta, "bandwidth": "bytes of the keys and values the sequences hold (2 h_kv d bf16 per token) / time",
+            **dict(b=RAGGED_B, h_kv=h_kv, i=1, j=RAGGED_J, cache_lens=lens_list, rows=rows, skipped=skipped,
+                   flex_kernel=flex_ran, fastest_other=best, speedup=speedup,
+                   speedup_beyond_spread=differs(graphed[best], graphed["decode"]), accuracy_failures=failures,
+                   complete=True)}
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
