@@ -151,10 +151,23 @@ def flex_kernel(sources: list[str]) -> str:
     return "not a FlexAttention template (" + (", ".join(sorted(set(re.findall(r"def (triton_\w+)", code)))) or "no kernel") + ")"
 
 
-def first_call_kernel(fn: Callable, *args) -> tuple[torch.Tensor, str]:
-    """Call the compiled FlexAttention ``fn`` (compiling it afresh) and say which template it runs."""
+def first_call(provider: str, fn: Callable, *args) -> tuple[torch.Tensor, str | None]:
+    """The first output of ``provider``, on the host; for ``flex``, compiled afresh, with the template it runs.
+
+    Raises what a backend that refuses the inputs raises.
+    """
+    if provider != "flex":
+        out = fn(*args)
+        torch.cuda.synchronize()
+        return out, None
     out, sources = run_and_get_code(fn, *args)
+    torch.cuda.synchronize()
     return out, flex_kernel(sources)
+
+
+def refusal(exc: Exception) -> str:
+    """The first line of a backend's refusal, as a result file keeps it."""
+    return str(exc).splitlines()[0][:300]
 
 
 def ragged_lengths(b: int, shortest: int, longest: int) -> list[int]:
@@ -216,14 +229,11 @@ def ragged(args: argparse.Namespace, meta: dict) -> dict:
     calls, errors, skipped, flex_ran = {}, {}, [], None
     for name, fn in ragged_providers(lens, RAGGED_J).items():
         try:
-            if name == "flex":
-                o, flex_ran = first_call_kernel(fn, q, k, v)
-            else:
-                o = fn(q, k, v)
-            torch.cuda.synchronize()
+            o, ran = first_call(name, fn, q, k, v)
         except Exception as exc:  # a backend that refuses these inputs
-            skipped.append(dict(provider=name, why=str(exc).splitlines()[0][:300]))
+            skipped.append(dict(provider=name, why=refusal(exc)))
             continue
+        flex_ran = ran or flex_ran
         errors[name] = ragged_error(o, want)
         calls[name] = functools.partial(fn, q, k, v)
     graphed = compare(calls, rounds=args.rounds, graph=True, rep_ms=args.rep)
@@ -372,14 +382,11 @@ def main() -> None:
             if fn is None:
                 continue
             try:
-                if provider == "flex":
-                    o, flex_ran = first_call_kernel(fn, q, k, v)
-                else:
-                    o = fn(q, k, v)
-                torch.cuda.synchronize()
+                o, ran = first_call(provider, fn, q, k, v)
             except Exception as exc:  # a backend that refuses these inputs
-                skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, why=str(exc).splitlines()[0][:300]))
+                skipped.append(dict(b=b, h_kv=h_kv, i=i, j=j, provider=provider, why=refusal(exc)))
                 continue
+            flex_ran = ran or flex_ran
             errors[provider] = (o[:1].double() - want).abs().max().item()
             calls[provider] = functools.partial(fn, q, k, v)
         # every provider replayed from a CUDA graph, interleaved over several rounds; the eager calls likewise
