@@ -225,16 +225,17 @@ def sdpa_masking(
     bias = None if attn_bias is None else bias_in(dtype, attn_bias, keep)
     if keep is None:
         return SdpaMasking(attn_mask=_as_4d(bias))
-    if not fill_empty_rows:  # zeroed after the call, by a kernel that reads keep: no pass over the mask before it
-        attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
-        return SdpaMasking(attn_mask=_as_4d(attn_mask), zero_rows_of=_as_4d(keep))
-    # A row with no key to attend is given every key, then zeroed: the fused kernels disagree
-    # on empty rows (cuDNN's returns non-zero rows and NaN gradients). The zeroing runs on
-    # the GPU whether or not a row is empty: asking first would make the host wait for the GPU.
-    row_has_key = keep.any(dim=-1, keepdim=True)  # (..., i or 1, 1)
-    keep = torch.where(row_has_key, keep, True)  # keep | ~row_has_key, in one operation
+    # A row with no key to attend is zeroed after the call: the fused kernels disagree on empty
+    # rows (cuDNN's returns non-zero rows and NaN gradients). For the backward it is also given
+    # every key in the call; without one, a kernel that reads keep finds the rows afterwards. The
+    # zeroing runs on the GPU whether or not a row is empty: asking first would make the host wait.
+    row_has_key = None
+    if fill_empty_rows:
+        row_has_key = _as_4d(keep.any(dim=-1, keepdim=True))  # (..., i or 1, 1)
+        keep = torch.where(row_has_key, keep, True)  # keep | ~row_has_key, in one operation
     attn_mask = keep if bias is None else torch.where(keep, bias, float("-inf"))
-    return SdpaMasking(attn_mask=_as_4d(attn_mask), row_has_key=_as_4d(row_has_key))
+    return SdpaMasking(attn_mask=_as_4d(attn_mask), row_has_key=row_has_key,
+                       zero_rows_of=None if fill_empty_rows else _as_4d(keep))
 
 
 class FlashAttention(nn.Module):
