@@ -152,11 +152,12 @@ def trace(fn: Callable[[], object], calls: int, queue: Callable[[], None], activ
             fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0 or e.key in LAUNCH_CALLS]
-    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    averages = prof.key_averages()
+    events = sorted((e for e in averages if e.self_cpu_time_total > 0 or e.key in LAUNCH_CALLS),
+                    key=lambda e: e.self_cpu_time_total, reverse=True)
     ops = [dict(name=e.key, per_call=e.count / calls, self_us=e.self_cpu_time_total / calls,
                 total_us=e.cpu_time_total / calls) for e in events[:top]]
-    launches = sum(e.count for e in prof.key_averages() if e.key in LAUNCH_CALLS) / calls
+    launches = sum(e.count for e in averages if e.key in LAUNCH_CALLS) / calls
     return dict(calls=calls, launches_per_call=launches, ops=ops)
 
 
